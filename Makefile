@@ -1,0 +1,73 @@
+# celery-ha: every entry point an operator or CI uses. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+BIN       := $(VENV)/bin
+LAB       := tests/lab/lab
+export LAB_DIR ?= $(CURDIR)/.lab
+INVENTORY := $(LAB_DIR)/inventory.ini
+# The venv's tools (ansible, testinfra) must be found by the tests' subprocesses too.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export ANSIBLE_FORCE_COLOR ?= 0
+
+.PHONY: help venv deps lint unit lab-up lab-down deploy idempotence infra e2e browser drills test demo bench clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(BIN)/.installed: requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(BIN)/.installed ## controller tools, pinned, in .venv/
+
+deps: venv ## Debian packages the lab and the browser test need
+	@tests/install-deps.sh
+
+lint: venv ## ansible-lint (production profile), yamllint, ruff
+	$(BIN)/yamllint -s .
+	$(BIN)/ansible-lint ansible/ tests/
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+unit: venv ## unit tests (no hosts needed)
+	$(BIN)/pytest -q tests/unit
+
+lab-up: deps ## raise the local lab of three hosts
+	$(LAB) up
+
+lab-down: ## tear the lab down, leaving nothing behind
+	$(LAB) down
+
+deploy: venv ## site.yml onto the lab
+	$(BIN)/ansible-playbook -i $(INVENTORY) ansible/site.yml
+
+idempotence: venv ## site.yml again: must report changed=0
+	tests/idempotence.sh -i $(INVENTORY) ansible/site.yml
+
+infra: venv ## testinfra on every lab host
+	$(BIN)/pytest -q tests/infra --hosts=ansible://all --ansible-inventory=$(INVENTORY)
+
+e2e: venv ## end-to-end tasks through the Sentinels, Flower, the browser
+	$(BIN)/pytest -q tests/e2e tests/browser
+
+drills: venv ## fault drills on the lab (needs a deployed lab)
+	$(BIN)/pytest -q -s tests/drills
+
+test: deps lint unit ## everything: lint, unit, then lab up, deploy, idempotence, testinfra, e2e, drills, lab down
+	tests/suite.sh
+
+demo: deps ## raise the lab, deploy the whole stack, run sample tasks, show how to open Flower
+	$(LAB) up
+	$(BIN)/ansible-playbook -i $(INVENTORY) ansible/site.yml
+	$(BIN)/python tests/demo.py
+
+bench: venv ## benchmarks (not in CI): prints a table, writes bench-results/
+	$(BIN)/python bench/run.py
+
+clean: lab-down ## lab down and remove the venv
+	rm -rf $(VENV)
