@@ -36,9 +36,7 @@ NOOP_TASK = "drills.noop"
 
 
 def new_run_id(prefix: str) -> str:
-    run_id = (
-        f"{prefix}-{time.strftime('%H%M%S')}-{int(time.time() * 1000) % 100000:05d}"
-    )
+    run_id = f"{prefix}-{time.strftime('%H%M%S')}-{int(time.time() * 1000) % 100000:05d}"
     if not RUN_ID_RE.match(run_id):
         raise ValueError(f"bad run id {run_id!r}")
     return run_id
@@ -63,18 +61,14 @@ def parse_lines(text: str, host: str = "") -> list[Execution]:
             continue
         try:
             out.append(
-                Execution(
-                    parts[0], parts[1], float(parts[2]), parts[3], int(parts[4]), host
-                )
+                Execution(parts[0], parts[1], float(parts[2]), parts[3], int(parts[4]), host)
             )
         except ValueError:
             continue
     return out
 
 
-def longest_gap(
-    times: Iterable[float], start: float, end: float
-) -> tuple[float, float, float]:
+def longest_gap(times: Iterable[float], start: float, end: float) -> tuple[float, float, float]:
     """Longest interval inside [start, end] with no completion: (gap, gap_start, gap_end)."""
     points = sorted(t for t in times if start <= t <= end)
     edges = [start, *points, end]
@@ -93,9 +87,7 @@ class Report:
     ran: int
     lost: list[str]
     duplicates: dict[str, int]
-    parked: list[
-        str
-    ]  # in the broker's unacked hash: redelivered after visibility_timeout
+    parked: list[str]  # in the broker's unacked hash: redelivered after visibility_timeout
     failed: int = 0
     gap: tuple[float, float, float] | None = None
     extra: dict[str, object] = field(default_factory=dict)
@@ -103,8 +95,9 @@ class Report:
     def summary(self) -> str:
         lines = [
             (
-                f"[{self.run_id}] published={self.published} publish_failures={self.publish_failures} "
-                f"ran={self.ran} lost={len(self.lost)} duplicates={len(self.duplicates)} "
+                f"[{self.run_id}] published={self.published} "
+                f"publish_failures={self.publish_failures} ran={self.ran} "
+                f"lost={len(self.lost)} duplicates={len(self.duplicates)} "
                 f"parked={len(self.parked)} failed={self.failed}"
             ),
         ]
@@ -118,13 +111,9 @@ class Report:
             lines.append(f"[{self.run_id}] lost ids (first 20): {self.lost[:20]}")
         if self.duplicates:
             sample = dict(list(self.duplicates.items())[:10])
-            lines.append(
-                f"[{self.run_id}] duplicate executions (id: times, first 10): {sample}"
-            )
+            lines.append(f"[{self.run_id}] duplicate executions (id: times, first 10): {sample}")
         if self.parked:
-            lines.append(
-                f"[{self.run_id}] parked in unacked (first 10): {self.parked[:10]}"
-            )
+            lines.append(f"[{self.run_id}] parked in unacked (first 10): {self.parked[:10]}")
         return "\n".join(lines)
 
 
@@ -153,20 +142,14 @@ class Ledger:
 
     def set_host_lines(self, host: str, text: str) -> None:
         """Replace what we know from one host (files only grow, so the latest read wins)."""
-        execs = [
-            e
-            for e in parse_lines(text, host)
-            if e.ledger_id.startswith(self.run_id + "-")
-        ]
+        execs = [e for e in parse_lines(text, host) if e.ledger_id.startswith(self.run_id + "-")]
         with self._lock:
             if len(execs) >= len(self._by_host.get(host, [])):
                 self._by_host[host] = execs
 
     def executions(self, kind: str = "D") -> list[Execution]:
         with self._lock:
-            return [
-                e for execs in self._by_host.values() for e in execs if e.kind == kind
-            ]
+            return [e for execs in self._by_host.values() for e in execs if e.kind == kind]
 
     def done_counts(self) -> Counter[str]:
         return Counter(e.ledger_id for e in self.executions("D"))
@@ -261,7 +244,7 @@ class Producer:
         self._seq += 1
         try:
             self.send(ledger_id)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not accepted"
+        except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.ledger.mark_failed_publish(ledger_id, self.last_error)
         else:
@@ -289,14 +272,12 @@ def wait_until(
     while True:
         try:
             value = predicate()
-        except Exception as exc:  # noqa: BLE001 - hosts come and go during drills
+        except Exception as exc:
             last_exc = exc
             value = None
         if value:
             return value
         if time.monotonic() >= deadline:
             detail = f" (last error: {last_exc})" if last_exc else ""
-            raise TimeoutError(
-                f"timed out after {timeout:.0f} s waiting for {what}{detail}"
-            )
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
         time.sleep(interval)

@@ -10,7 +10,9 @@ from ledger import Ledger, Producer, longest_gap, new_run_id, parse_lines, wait_
 
 
 def test_parse_skips_torn_and_foreign_lines() -> None:
-    text = "D r-0000001 10.5 w@node1 42\nS r-0000002 11.0 w@node2 43\nD r-00000\ngarbage\nX a 1 b 2\n"
+    text = (
+        "D r-0000001 10.5 w@node1 42\nS r-0000002 11.0 w@node2 43\nD r-00000\ngarbage\nX a 1 b 2\n"
+    )
     execs = parse_lines(text, "node1")
     assert [(e.kind, e.ledger_id, e.pid) for e in execs] == [
         ("D", "r-0000001", 42),
@@ -26,7 +28,8 @@ def test_report_counts_lost_duplicates_and_parked() -> None:
     led.mark_failed_publish(led.ledger_id(5), "ConnectionError")
     led.set_host_lines(
         "node1",
-        "D run-0000000 1.0 a 1\nD run-0000001 2.0 a 1\nD run-0000001 9.0 a 2\nS run-0000003 3.0 a 1\n",
+        "D run-0000000 1.0 a 1\nD run-0000001 2.0 a 1\n"
+        "D run-0000001 9.0 a 2\nS run-0000003 3.0 a 1\n",
     )
     # Another run's lines in the same file must not count.
     led.set_host_lines("node2", "D other-0000002 1.0 b 1\n")
@@ -65,9 +68,7 @@ def test_producer_marks_only_accepted_publishes() -> None:
 
     prod = Producer(led, send, rate=500.0, max_seconds=5.0)
     with prod:
-        wait_until(
-            lambda: len(calls) >= 30, timeout=10, interval=0.01, what="30 publishes"
-        )
+        wait_until(lambda: len(calls) >= 30, timeout=10, interval=0.01, what="30 publishes")
     assert not prod.running
     assert len(led.published) + len(led.publish_failures) == len(calls)
     assert len(set(calls)) == len(calls)

@@ -1,0 +1,397 @@
+"""Controller-side handles on a deployed lab for the drills and benchmarks.
+
+Everything about the cluster is read from what the deployment actually wrote: the Celery
+settings come from /etc/celery-ha/celery.env on a worker host, turned into Celery settings by
+the same ``celery_ha_settings.load`` the workers use. The drills therefore publish with the
+production settings (Sentinel discovery, publish retry policy) and break if the deployment's
+wiring breaks, instead of testing a copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "app" / "boot" / "src"))
+
+import celery_ha_settings  # noqa: E402
+import redis  # noqa: E402
+from celery import Celery  # noqa: E402
+from ledger import DEFAULT_LEDGER_DIR, RECORD_TASK, Ledger  # noqa: E402
+from redis.sentinel import Sentinel  # noqa: E402
+
+CELERY_ENV = "/etc/celery-ha/celery.env"
+
+
+class Lab:
+    """Thin wrapper over tests/lab/lab with the caller's LAB_* environment."""
+
+    def __init__(self, lab_dir: str | None = None) -> None:
+        self.lab_dir = Path(lab_dir or os.environ.get("LAB_DIR") or REPO / ".lab")
+        self.script = REPO / "tests" / "lab" / "lab"
+        self.inventory = self.lab_dir / "inventory.ini"
+        self.env = dict(os.environ, LAB_DIR=str(self.lab_dir))
+
+    def exists(self) -> bool:
+        return self.inventory.is_file()
+
+    def _parse_inventory(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        current = None
+        for raw in self.inventory.read_text().splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                current = line[1:-1]
+                groups.setdefault(current, [])
+            elif current is not None:
+                groups[current].append(line)
+        return groups
+
+    def group(self, name: str) -> list[str]:
+        return [entry.split()[0] for entry in self._parse_inventory().get(name, [])]
+
+    def addresses(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for entries in self._parse_inventory().values():
+            for entry in entries:
+                m = re.search(r"ansible_host=(\S+)", entry)
+                if m:
+                    out[entry.split()[0]] = m.group(1)
+        return out
+
+    def host_of(self, address: str) -> str:
+        for host, addr in self.addresses().items():
+            if addr == address:
+                return host
+        raise KeyError(f"no lab host has address {address}")
+
+    def run(
+        self, *args: str, timeout: float = 180, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.script), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def ssh(self, host: str, command: str, timeout: float = 30, check: bool = True) -> str:
+        proc = self.run("ssh", host, command, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise RuntimeError(
+                f"{host}: `{command}` exited {proc.returncode}: {proc.stderr.strip()[-400:]}"
+            )
+        return proc.stdout
+
+    def playbook(
+        self, *extra: str, timeout: float = 900
+    ) -> tuple[int, dict[str, dict[str, int]], str]:
+        """Run site.yml; return (rc, recap per host, tail of output)."""
+        env = dict(self.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+        bindir = Path(sys.executable).parent
+        env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
+        proc = subprocess.run(
+            [
+                str(bindir / "ansible-playbook"),
+                "-i",
+                str(self.inventory),
+                str(REPO / "ansible" / "site.yml"),
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        return proc.returncode, parse_recap(proc.stdout), proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def parse_recap(output: str) -> dict[str, dict[str, int]]:
+    recap: dict[str, dict[str, int]] = {}
+    in_recap = False
+    for line in output.splitlines():
+        if line.startswith("PLAY RECAP"):
+            in_recap = True
+            continue
+        if in_recap:
+            m = re.match(r"^(\S+)\s*:\s*(.*)$", line)
+            if not m:
+                continue
+            counts = dict(re.findall(r"(\w+)=(\d+)", m.group(2)))
+            if counts:
+                recap[m.group(1)] = {k: int(v) for k, v in counts.items()}
+    return recap
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """systemd EnvironmentFile lines as the celery role writes them (KEY=value or KEY='value')."""
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env
+
+
+class Cluster:
+    """The deployed cluster as a client sees it, plus the lab hosts behind it."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.addresses = lab.addresses()
+        self.worker_hosts = lab.group("celery_workers")
+        self.redis_hosts = lab.group("redis")
+        self.sentinel_hosts = lab.group("sentinel")
+        self.env = self._read_env()
+        self.settings = celery_ha_settings.load(self.env)
+        self.master_name: str = self.env["CELERY_HA_MASTER_NAME"]
+        self.sentinels = celery_ha_settings.parse_sentinels(self.env["CELERY_HA_SENTINELS"])
+        self.broker_db = int(self.env.get("CELERY_HA_BROKER_DB") or 0)
+        self.result_db = int(self.env.get("CELERY_HA_RESULT_DB") or 1)
+        self.username = self.env.get("CELERY_HA_REDIS_USERNAME") or None
+        self.password = self.env.get("CELERY_HA_REDIS_PASSWORD") or None
+        self.sentinel_kwargs = dict(self.settings["broker_transport_options"]["sentinel_kwargs"])
+        self.ledger_dir = self.env.get("CELERY_HA_DRILL_LEDGER_DIR") or DEFAULT_LEDGER_DIR
+        self.default_queue = self.settings.get("task_default_queue", "celery")
+        self._app: Celery | None = None
+        self._last_host_text: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    # -- configuration -------------------------------------------------------------------
+    def _read_env(self) -> dict[str, str]:
+        errors = []
+        for host in self.worker_hosts:
+            try:
+                return parse_env_file(self.lab.ssh(host, f"cat {CELERY_ENV}", timeout=20))
+            except Exception as exc:
+                errors.append(f"{host}: {exc}")
+        raise RuntimeError(f"cannot read {CELERY_ENV} from any worker host: {errors}")
+
+    @property
+    def app(self) -> Celery:
+        """A client-only Celery app with the deployment's own settings (never a worker)."""
+        if self._app is None:
+            app = Celery("celery-ha-drills", set_as_current=False)
+            app.conf.update(self.settings)
+            self._app = app
+        return self._app
+
+    def admin_password(self) -> str | None:
+        path = self.lab.lab_dir / "secrets" / "redis_admin_password"
+        return path.read_text().split()[0] if path.is_file() else None
+
+    # -- Sentinel and Redis --------------------------------------------------------------
+    def sentinel(self, exclude: Iterable[str] = ()) -> Sentinel:
+        excluded = {self.addresses.get(h, h) for h in exclude}
+        nodes = [(h, p) for h, p in self.sentinels if h not in excluded]
+        return Sentinel(
+            nodes,
+            sentinel_kwargs=self.sentinel_kwargs,
+            username=self.username,
+            password=self.password,
+            socket_timeout=3,
+            socket_connect_timeout=3,
+        )
+
+    def sentinel_views(self, hosts: Iterable[str] | None = None) -> dict[str, str | None]:
+        """Which address each reachable Sentinel names as master (None = no answer)."""
+        views: dict[str, str | None] = {}
+        for host in hosts or self.sentinel_hosts:
+            port = dict(self.sentinels).get(self.addresses[host], 26379)
+            client = redis.Redis(
+                host=self.addresses[host],
+                port=port,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+                **{k: v for k, v in self.sentinel_kwargs.items() if k in ("username", "password")},
+            )
+            try:
+                addr = client.execute_command(
+                    "SENTINEL", "get-master-addr-by-name", self.master_name
+                )
+                views[host] = addr[0].decode() if addr else None
+            except redis.RedisError:
+                views[host] = None
+            finally:
+                client.close()
+        return views
+
+    def master_host(self, exclude: Iterable[str] = ()) -> str:
+        """The master named by a majority of the reachable Sentinels (raises if none)."""
+        views = self.sentinel_views([h for h in self.sentinel_hosts if h not in set(exclude)])
+        answers = [v for v in views.values() if v]
+        if not answers:
+            raise RuntimeError(f"no Sentinel answered: {views}")
+        best = max(set(answers), key=answers.count)
+        return self.lab.host_of(best)
+
+    def redis_on(self, host: str, db: int | None = None, admin: bool = False) -> redis.Redis:
+        port = int(self.env.get("CELERY_HA_REDIS_PORT") or 6379)
+        user, password = (self.username, self.password)
+        if admin:
+            user, password = "admin", self.admin_password()
+        return redis.Redis(
+            host=self.addresses[host],
+            port=port,
+            db=self.broker_db if db is None else db,
+            username=user,
+            password=password,
+            socket_timeout=3,
+            socket_connect_timeout=3,
+        )
+
+    def role_of(self, host: str) -> str | None:
+        """ROLE of host's Redis via the admin user (the celery user may not run ROLE)."""
+        client = self.redis_on(host, admin=True)
+        try:
+            role = client.execute_command("ROLE")
+            name = role[0].decode() if isinstance(role[0], bytes) else role[0]
+            if name == "slave" and len(role) > 3:
+                state = role[3].decode() if isinstance(role[3], bytes) else role[3]
+                return f"replica:{state}"
+            return name
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
+    def write_probe(self, host: str) -> str:
+        """Try a write as the celery user on host's Redis; 'ok' or the error text."""
+        client = self.redis_on(host)
+        try:
+            client.set("drills:write-probe", str(time.time()), ex=60)
+            return "ok"
+        except redis.RedisError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            client.close()
+
+    def master_client(self, db: int) -> redis.Redis:
+        return self.sentinel().master_for(self.master_name, db=db, socket_timeout=5)
+
+    def queue_length(self, queue: str | None = None) -> int:
+        client = self.master_client(self.broker_db)
+        return int(client.llen(queue or self.default_queue))
+
+    def parked_ids(self) -> dict[str, str]:
+        """Task ids sitting in kombu's unacked hash (redelivered after visibility_timeout)."""
+        client = self.master_client(self.broker_db)
+        out: dict[str, str] = {}
+        for tag, raw in client.hgetall("unacked").items():
+            try:
+                message = json.loads(raw)[0]
+                task_id = (
+                    message.get("headers", {}).get("id") or message["properties"]["correlation_id"]
+                )
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+            out[task_id] = tag.decode() if isinstance(tag, bytes) else str(tag)
+        return out
+
+    def result_states(self, task_ids: Iterable[str]) -> dict[str, str]:
+        client = self.master_client(self.result_db)
+        ids = list(task_ids)
+        states: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            pipe = client.pipeline(transaction=False)
+            for task_id in chunk:
+                pipe.get(f"celery-task-meta-{task_id}")
+            for task_id, raw in zip(chunk, pipe.execute(), strict=True):
+                if raw:
+                    try:
+                        states[task_id] = json.loads(raw).get("status", "?")
+                    except ValueError:
+                        states[task_id] = "?"
+        return states
+
+    # -- tasks ---------------------------------------------------------------------------
+    def sender(self, ledger: Ledger, sleep_s: float = 0.0, queue: str | None = None):
+        app = self.app
+
+        def send(ledger_id: str) -> None:
+            app.send_task(
+                RECORD_TASK,
+                args=(ledger_id, ledger.run_id, sleep_s),
+                task_id=ledger_id,
+                queue=queue,
+            )
+
+        return send
+
+    def ledger_text(self, host: str, run_id: str) -> str | None:
+        """The ledger file of run_id on host, or None when the host cannot be read now."""
+        path = f"{self.ledger_dir}/{shlex.quote(run_id)}.log"
+        try:
+            return self.lab.ssh(host, f"cat {path} 2>/dev/null || true", timeout=15)
+        except Exception:
+            return None
+
+    def collect(self, ledger: Ledger, hosts: Iterable[str] | None = None) -> None:
+        hosts = list(hosts or self.worker_hosts)
+        with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+            for host, text in zip(
+                hosts, pool.map(lambda h: self.ledger_text(h, ledger.run_id), hosts), strict=True
+            ):
+                if text is not None:
+                    ledger.set_host_lines(host, text)
+
+    def wait_drained(
+        self, ledger: Ledger, timeout: float = 180, parked_ok: bool = True
+    ) -> set[str]:
+        """Poll until every published id ran (or sits parked in unacked). Returns parked ids.
+
+        Never raises on timeout: the caller reports what is still missing as lost.
+        """
+        deadline = time.monotonic() + timeout
+        parked: set[str] = set()
+        while True:
+            self.collect(ledger)
+            pending = ledger.pending()
+            if pending and parked_ok:
+                try:
+                    parked = set(self.parked_ids()) & pending
+                except redis.RedisError:
+                    parked = set()
+                if pending <= parked and self._queue_empty():
+                    return parked
+            if not pending:
+                return set()
+            if time.monotonic() >= deadline:
+                return parked
+            time.sleep(2)
+
+    def _queue_empty(self) -> bool:
+        try:
+            return self.queue_length() == 0
+        except redis.RedisError:
+            return False
+
+    def failed_count(self, ledger: Ledger) -> int:
+        states = self.result_states(list(ledger.published))
+        return sum(1 for s in states.values() if s == "FAILURE")
+
+    def ping_workers(self, timeout: float = 3.0) -> list[str]:
+        replies = self.app.control.ping(timeout=timeout)
+        return sorted(name for reply in replies for name in reply)
