@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Queue-depth exporter for a Celery broker behind Redis Sentinel (Prometheus text format).
+
+Why it exists: Flower 2.2.0's broker view with a sentinel:// broker asks only the FIRST
+Sentinel of the URL (MasterNotFoundError when that one is down) and never passes the db
+number to the master connection (flower/utils/broker.py, RedisSentinel._get_redis_client),
+so its queue lengths are wrong or missing; its /metrics has no queue depth at all.
+
+This exporter asks every configured Sentinel for the current master on EACH scrape (so it
+follows a failover at once), then LLENs each queue in the broker db with the Celery ACL user.
+A queue's depth is the sum over kombu's priority sub-queues, as Flower and kombu count it.
+
+Configuration comes only from the environment (the role writes /etc/celery-ha/queue-depth.env):
+  QUEUE_DEPTH_SENTINELS          "host:port,host:port,..."           (required)
+  QUEUE_DEPTH_MASTER_NAME        Sentinel master name                 (required)
+  QUEUE_DEPTH_SENTINEL_PASSWORD  Sentinel requirepass                 (optional)
+  QUEUE_DEPTH_REDIS_USER         Redis ACL user for the master        (optional)
+  QUEUE_DEPTH_REDIS_PASSWORD     its password                         (optional)
+  QUEUE_DEPTH_DB                 broker db number                     (default 0)
+  QUEUE_DEPTH_QUEUES             queues always reported, comma-separated (default none)
+  QUEUE_DEPTH_DISCOVER           also report queues bound in kombu's _kombu.binding.* sets
+                                 ("true"/"false", default true)
+  QUEUE_DEPTH_PRIORITY_STEPS     kombu priority steps (default "0,3,6,9")
+  QUEUE_DEPTH_KEY_PREFIX         kombu global_keyprefix (default empty)
+  QUEUE_DEPTH_TIMEOUT            socket timeout in seconds (default 1.0)
+  QUEUE_DEPTH_ADDRESS / _PORT    where to serve /metrics (default 127.0.0.1:9808)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+log = logging.getLogger("queue_depth")
+
+# kombu's redis transport: priority sub-queue separator and the set holding an exchange's
+# bindings (members are "routing_key<SEP>pattern<SEP>queue").
+KOMBU_SEP = "\x06\x16"
+KOMBU_BINDING_PREFIX = "_kombu.binding."
+# Exchanges whose "queues" are not lists in Redis (fanout over PUB/SUB): events and
+# remote-control replies. Reporting them would only add noise of permanent zeros.
+NOISE_EXCHANGE = re.compile(r"^(celeryev|.*\.pidbox)$")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RedisLike(Protocol):
+    def llen(self, name: str) -> int: ...
+    def smembers(self, name: str) -> Iterable[bytes | str]: ...
+    def scan_iter(
+        self, match: str | None = None, count: int | None = None
+    ) -> Iterable[bytes | str]: ...
+
+
+@dataclass
+class Config:
+    sentinels: list[tuple[str, int]]
+    master_name: str
+    sentinel_password: str | None = None
+    redis_user: str | None = None
+    redis_password: str | None = None
+    db: int = 0
+    queues: list[str] = field(default_factory=list)
+    discover: bool = True
+    priority_steps: list[int] = field(default_factory=lambda: [0, 3, 6, 9])
+    key_prefix: str = ""
+    timeout: float = 1.0
+    address: str = "127.0.0.1"
+    port: int = 9808
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def parse_endpoints(text: str) -> list[tuple[str, int]]:
+    """Parse "h1:26379,h2:26379" (IPv6 as [addr]:port)."""
+    endpoints = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"QUEUE_DEPTH_SENTINELS: {item!r} is not host:port")
+        endpoints.append((host.strip("[]"), int(port)))
+    if not endpoints:
+        raise ValueError("QUEUE_DEPTH_SENTINELS is empty")
+    return endpoints
+
+
+def config_from_env(env: Mapping[str, str]) -> Config:
+    def get(name: str, default: str = "") -> str:
+        return env.get(f"QUEUE_DEPTH_{name}", default)
+
+    master_name = get("MASTER_NAME")
+    if not master_name:
+        raise ValueError("QUEUE_DEPTH_MASTER_NAME is required")
+    return Config(
+        sentinels=parse_endpoints(get("SENTINELS")),
+        master_name=master_name,
+        sentinel_password=get("SENTINEL_PASSWORD") or None,
+        redis_user=get("REDIS_USER") or None,
+        redis_password=get("REDIS_PASSWORD") or None,
+        db=int(get("DB", "0")),
+        queues=[q.strip() for q in get("QUEUES").split(",") if q.strip()],
+        discover=_bool(get("DISCOVER", "true")),
+        priority_steps=[int(p) for p in get("PRIORITY_STEPS", "0,3,6,9").split(",") if p.strip()],
+        key_prefix=get("KEY_PREFIX"),
+        timeout=float(get("TIMEOUT", "1.0")),
+        address=get("ADDRESS", "127.0.0.1"),
+        port=int(get("PORT", "9808")),
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def priority_keys(queue: str, steps: Sequence[int], prefix: str = "") -> list[str]:
+    """The Redis lists kombu uses for one queue: the bare name for priority 0."""
+    return [prefix + (f"{queue}{KOMBU_SEP}{step}" if step else queue) for step in steps]
+
+
+def discover_queues(client: RedisLike, prefix: str = "") -> set[str]:
+    """Queues bound to any non-fanout exchange in kombu's binding sets."""
+    queues: set[str] = set()
+    pattern = f"{prefix}{KOMBU_BINDING_PREFIX}*"
+    for raw_key in client.scan_iter(match=pattern, count=1000):
+        exchange = _text(raw_key)[len(prefix) + len(KOMBU_BINDING_PREFIX) :]
+        if NOISE_EXCHANGE.match(exchange):
+            continue
+        for member in client.smembers(_text(raw_key)):
+            queue = _text(member).split(KOMBU_SEP)[-1]
+            if queue:
+                queues.add(queue)
+    return queues
+
+
+def queue_depths(client: RedisLike, cfg: Config) -> dict[str, int]:
+    names = set(cfg.queues)
+    if cfg.discover:
+        names |= discover_queues(client, cfg.key_prefix)
+    return {
+        name: sum(
+            int(client.llen(key)) for key in priority_keys(name, cfg.priority_steps, cfg.key_prefix)
+        )
+        for name in sorted(names)
+    }
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(
+    master: tuple[str, int] | None,
+    depths: Mapping[str, int],
+    duration: float,
+    error: str | None = None,
+) -> str:
+    """Prometheus text exposition. On error, no depth is reported: a stale or guessed
+    figure would be worse than a gap, and `up 0` says why."""
+    lines = [
+        "# HELP celery_ha_queue_depth_up 1 if a master was found and every queue read.",
+        "# TYPE celery_ha_queue_depth_up gauge",
+        f"celery_ha_queue_depth_up {0 if error else 1}",
+        "# HELP celery_ha_queue_depth_scrape_duration_seconds Seconds spent on the scrape.",
+        "# TYPE celery_ha_queue_depth_scrape_duration_seconds gauge",
+        f"celery_ha_queue_depth_scrape_duration_seconds {duration:.6f}",
+    ]
+    if master is not None:
+        label = _escape_label(f"{master[0]}:{master[1]}")
+        lines += [
+            "# HELP celery_ha_queue_depth_master_info The master named by the Sentinels.",
+            "# TYPE celery_ha_queue_depth_master_info gauge",
+            f'celery_ha_queue_depth_master_info{{master="{label}"}} 1',
+        ]
+    if not error:
+        lines += [
+            "# HELP celery_ha_queue_depth Messages waiting in a queue on the current master.",
+            "# TYPE celery_ha_queue_depth gauge",
+        ]
+        lines += [
+            f'celery_ha_queue_depth{{queue="{_escape_label(q)}"}} {n}'
+            for q, n in sorted(depths.items())
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class Collector:
+    """One scrape = ask the Sentinels for the master, then read the queues on it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        find_master: Callable[[], tuple[str, int]] | None = None,
+        connect: Callable[[str, int], Any] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._find_master = find_master or self._sentinel_master
+        self._connect = connect or self._redis_client
+        self._sentinel: Any = None
+
+    def _sentinel_master(self) -> tuple[str, int]:
+        from redis.sentinel import Sentinel
+
+        if self._sentinel is None:
+            # No connection kwargs for the master here: we only use Sentinel to discover it.
+            self._sentinel = Sentinel(
+                self.cfg.sentinels,
+                sentinel_kwargs={
+                    "password": self.cfg.sentinel_password,
+                    "socket_timeout": self.cfg.timeout,
+                    "socket_connect_timeout": self.cfg.timeout,
+                },
+            )
+        # discover_master asks the Sentinels in turn and accepts only an answer naming a
+        # master that Sentinel sees as up (not s_down/o_down): a fresh answer every scrape.
+        host, port = self._sentinel.discover_master(self.cfg.master_name)
+        return str(host), int(port)
+
+    def _redis_client(self, host: str, port: int) -> Any:
+        import redis
+
+        return redis.Redis(
+            host=host,
+            port=port,
+            db=self.cfg.db,
+            username=self.cfg.redis_user,
+            password=self.cfg.redis_password,
+            socket_timeout=self.cfg.timeout,
+            socket_connect_timeout=self.cfg.timeout,
+        )
+
+    def collect(self) -> str:
+        started = time.monotonic()
+        master: tuple[str, int] | None = None
+        try:
+            master = self._find_master()
+            client = self._connect(*master)
+            try:
+                depths = queue_depths(client, self.cfg)
+            finally:
+                close = getattr(client, "close", None)
+                if close is not None:
+                    close()
+        except Exception as exc:  # any failure must become up=0, never a crash of the exporter
+            log.warning("scrape failed (master=%s): %s", master, exc)
+            return render(master, {}, time.monotonic() - started, error=str(exc))
+        return render(master, depths, time.monotonic() - started)
+
+
+def make_handler(collector: Collector) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404)
+                return
+            body = collector.collect().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug(format, *args)
+
+    return Handler
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=os.environ.get("QUEUE_DEPTH_LOG_LEVEL", "INFO"), format="%(levelname)s %(message)s"
+    )
+    try:
+        cfg = config_from_env(os.environ)
+    except ValueError as exc:
+        log.error("bad configuration: %s", exc)
+        return 2
+    server = ThreadingHTTPServer((cfg.address, cfg.port), make_handler(Collector(cfg)))
+    log.info(
+        "serving /metrics on %s:%d, sentinels %s, master %s, db %d",
+        cfg.address,
+        cfg.port,
+        cfg.sentinels,
+        cfg.master_name,
+        cfg.db,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
