@@ -110,7 +110,7 @@ class Lab:
                 str(bindir / "ansible-playbook"),
                 "-i",
                 str(self.inventory),
-                str(REPO / "ansible" / "site.yml"),
+                os.environ.get("DRILLS_PLAYBOOK") or str(REPO / "ansible" / "site.yml"),
                 *extra,
             ],
             cwd=REPO,
@@ -173,7 +173,7 @@ class Cluster:
         self.password = self.env.get("CELERY_HA_REDIS_PASSWORD") or None
         self.sentinel_kwargs = dict(self.settings["broker_transport_options"]["sentinel_kwargs"])
         self.ledger_dir = self.env.get("CELERY_HA_DRILL_LEDGER_DIR") or DEFAULT_LEDGER_DIR
-        self.default_queue = self.settings.get("task_default_queue", "celery")
+        self.default_queue = self.settings.get("task_default_queue", "default")
         self._app: Celery | None = None
         self._last_host_text: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
@@ -286,6 +286,46 @@ class Cluster:
             return f"{type(exc).__name__}: {exc}"
         finally:
             client.close()
+
+    def host_init_pid(self, host: str) -> int:
+        """PID 1 of a lab host, seen from the controller (same cgroup path as tests/lab/lab)."""
+        tag = "cha" + self.addresses[host].split(".")[2]
+        procs = Path(f"/sys/fs/cgroup/systemd/{tag}-lab/{host}/payload/init.scope/cgroup.procs")
+        return int(procs.read_text().split()[0])
+
+    def write_probe_in_netns(self, host: str) -> str:
+        """write_probe from inside host's network namespace, to loopback.
+
+        For a partitioned host: nothing outside can reach it, but what its own clients
+        (its workers) get from its Redis is exactly what matters.
+        """
+        code = (
+            "import os, redis\n"
+            "c = redis.Redis(host='127.0.0.1', port=int(os.environ['P']), "
+            "db=int(os.environ['D']), username=os.environ.get('U') or None, "
+            "password=os.environ.get('W') or None, socket_timeout=3, socket_connect_timeout=3)\n"
+            "try:\n"
+            "    c.set('drills:write-probe', '1', ex=60); print('ok')\n"
+            "except redis.RedisError as e:\n"
+            "    print(type(e).__name__ + ': ' + str(e))\n"
+        )
+        env = dict(
+            os.environ,
+            P=str(int(self.env.get("CELERY_HA_REDIS_PORT") or 6379)),
+            D=str(self.broker_db),
+            U=self.username or "",
+            W=self.password or "",
+        )
+        pid = self.host_init_pid(host)
+        proc = subprocess.run(
+            ["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return (proc.stdout.strip() or proc.stderr.strip()[-300:]) or "no answer"
 
     def master_client(self, db: int) -> redis.Redis:
         return self.sentinel().master_for(self.master_name, db=db, socket_timeout=5)
