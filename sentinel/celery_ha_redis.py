@@ -5,11 +5,11 @@ Why not redis-cli: passwords must not appear on a command line (ps, /proc/*/cmdl
 the roles need machine-readable answers (JSON) and a majority vote over several Sentinels.
 Only the Python standard library is used, so it works on a bare Debian host.
 
-Passwords (and the JSON input of call/sentinel-sync) come from the environment or stdin,
-never from arguments:
-  CELERY_HA_INPUT              JSON input; read from stdin when unset
-  CELERY_HA_SENTINEL_PASSWORD  Sentinel's requirepass         (master, sentinel-sync)
-  CELERY_HA_REDIS_PASSWORD     password of --user on Redis    (call)
+Secrets never travel on a command line (ps, /proc/*/cmdline, Ansible -vvv): the password
+and the JSON input of call/sentinel-sync come as one JSON object on stdin,
+  {"password": "...", "input": ...}
+When stdin is a terminal (an operator at a shell), the password is taken from REDISCLI_AUTH
+(as redis-cli does) and the input is not needed for `master`.
 
 Sub-commands:
   master --name NAME --sentinel ADDR:PORT [--sentinel ...]
@@ -19,11 +19,11 @@ Sub-commands:
       Exits 3 ("state": "split") when Sentinels answer but no address has a majority of
       ALL listed Sentinels: the caller must not guess a master then.
   call --host H --port P [--user U]
-      Run the commands given on stdin (JSON list of lists of strings) and print their
+      Run the commands given as input (JSON list of lists of strings) and print their
       replies as a JSON list; exits 1 if any reply is an error.
   sentinel-sync --name NAME [--host H] [--port P] [--check]
       Make the Sentinel's settings for NAME (quorum, down-after-milliseconds, ...) match
-      the JSON object on stdin with SENTINEL SET, leaving everything Sentinel decides (the
+      the input (a JSON object) with SENTINEL SET, leaving everything Sentinel decides (the
       master, epochs, known replicas) alone. Prints {"changed": bool, "before", "after"}.
       --check reports what would change without changing it.
 """
@@ -115,7 +115,7 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 def cmd_master(args: argparse.Namespace) -> int:
-    password = os.environ.get("CELERY_HA_SENTINEL_PASSWORD")
+    password = read_stdin().get("password")
     answers: dict[str, str | None] = {}
     votes: Counter[str] = Counter()
     for endpoint in args.sentinel:
@@ -153,8 +153,9 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    commands = read_input()
-    conn = connect(args.host, args.port, args.user, os.environ.get("CELERY_HA_REDIS_PASSWORD"))
+    given = read_stdin()
+    commands = given.get("input") or []
+    conn = connect(args.host, args.port, args.user, given.get("password"))
     replies: list[Any] = []
     failed = False
     try:
@@ -170,9 +171,11 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def read_input() -> Any:
-    data = os.environ.get("CELERY_HA_INPUT")
-    return json.loads(data) if data is not None else json.load(sys.stdin)
+def read_stdin() -> dict[str, Any]:
+    if sys.stdin.isatty():
+        return {"password": os.environ.get("REDISCLI_AUTH")}
+    text = sys.stdin.read()
+    return json.loads(text) if text.strip() else {"password": os.environ.get("REDISCLI_AUTH")}
 
 
 def pairs_to_dict(flat: list[Any]) -> dict[str, Any]:
@@ -180,8 +183,9 @@ def pairs_to_dict(flat: list[Any]) -> dict[str, Any]:
 
 
 def cmd_sentinel_sync(args: argparse.Namespace) -> int:
-    desired = {key: str(value) for key, value in read_input().items()}
-    conn = connect(args.host, args.port, None, os.environ.get("CELERY_HA_SENTINEL_PASSWORD"))
+    given = read_stdin()
+    desired = {key: str(value) for key, value in (given.get("input") or {}).items()}
+    conn = connect(args.host, args.port, None, given.get("password"))
     try:
         current = pairs_to_dict(conn.command("SENTINEL", "MASTER", args.name))
         before = {key: current.get(key) for key in desired}
