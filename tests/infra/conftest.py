@@ -1,0 +1,96 @@
+"""Shared fixtures for the testinfra checks of a deployed lab.
+
+Run with: pytest tests/infra --hosts=ansible://all --ansible-inventory=$LAB_DIR/inventory.ini
+(the venv's bin on PATH). LAB_DIR picks the lab as for tests/lab/lab (default <repo>/.lab);
+secrets are read from the cluster secrets dir the lab uses ($LAB_DIR/secrets, or
+CLUSTER_SECRETS_DIR when set).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def lab_dir() -> Path:
+    return Path(os.environ.get("LAB_DIR") or REPO / ".lab")
+
+
+@pytest.fixture(scope="session")
+def inventory(lab_dir: Path) -> Path:
+    path = lab_dir / "inventory.ini"
+    if not path.is_file():
+        pytest.fail(f"no lab inventory at {path} (LAB_DIR): run tests/lab/lab up and deploy")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lab_groups(inventory: Path) -> dict[str, list[str]]:
+    """Inventory groups -> host names, from the generated INI inventory."""
+    groups: dict[str, list[str]] = {}
+    current = None
+    for raw in inventory.read_text().splitlines():
+        line = raw.split("#", 1)[0].split(";", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+            groups.setdefault(current, [])
+        elif current is not None and ":" not in current:
+            groups[current].append(line.split()[0])
+    return groups
+
+
+@pytest.fixture(scope="session")
+def lab_addresses(inventory: Path) -> dict[str, str]:
+    """Host name -> ansible_host address."""
+    out: dict[str, str] = {}
+    for line in inventory.read_text().splitlines():
+        match = re.match(r"^(\S+)\s.*\bansible_host=(\S+)", line)
+        if match:
+            out[match.group(1)] = match.group(2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def secrets_dir(lab_dir: Path) -> Path:
+    return Path(os.environ.get("CLUSTER_SECRETS_DIR") or lab_dir / "secrets")
+
+
+@pytest.fixture(scope="session")
+def secret(secrets_dir: Path):
+    """secret('redis_celery_password') -> the generated value (fails if missing)."""
+
+    def read(name: str) -> str:
+        path = secrets_dir / name
+        if not path.is_file():
+            pytest.fail(f"secret {name} not found in {secrets_dir} (CLUSTER_SECRETS_DIR)")
+        # The password lookup may append " salt=..." for encrypted values; the first word is it.
+        return path.read_text().split()[0]
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def lab(lab_dir: Path):
+    """lab('status') -> CompletedProcess of tests/lab/lab with this lab's environment."""
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(REPO / "tests" / "lab" / "lab"), *args],
+            env=dict(os.environ, LAB_DIR=str(lab_dir)),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    return run
