@@ -10,7 +10,8 @@ This exporter asks every configured Sentinel for the current master on EACH scra
 follows a failover at once), then LLENs each queue in the broker db with the Celery ACL user.
 A queue's depth is the sum over kombu's priority sub-queues, as Flower and kombu count it.
 
-Configuration comes only from the environment (the role writes /etc/celery-ha/queue-depth.env):
+Configuration comes from the environment, or from a KEY=value file given as --env-file
+(supervisord has no EnvironmentFile=); the role writes /etc/celery-ha/queue-depth.env:
   QUEUE_DEPTH_SENTINELS          "host:port,host:port,..."           (required)
   QUEUE_DEPTH_MASTER_NAME        Sentinel master name                 (required)
   QUEUE_DEPTH_SENTINEL_PASSWORD  Sentinel requirepass                 (optional)
@@ -279,13 +280,38 @@ def make_handler(collector: Collector) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def main() -> int:
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=value lines as systemd's EnvironmentFile= reads them (comments, blank lines and
+    one pair of surrounding double quotes allowed)."""
+    env = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{path}:{number}: not KEY=value")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            env[key.strip()] = value
+    return env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("QUEUE_DEPTH_LOG_LEVEL", "INFO"), format="%(levelname)s %(message)s"
     )
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = dict(os.environ)
     try:
-        cfg = config_from_env(os.environ)
-    except ValueError as exc:
+        if args[:1] == ["--env-file"] and len(args) == 2:
+            env.update(read_env_file(args[1]))
+        elif args:
+            raise ValueError("usage: queue_depth.py [--env-file PATH]")
+        cfg = config_from_env(env)
+    except (OSError, ValueError) as exc:
         log.error("bad configuration: %s", exc)
         return 2
     server = ThreadingHTTPServer((cfg.address, cfg.port), make_handler(Collector(cfg)))
