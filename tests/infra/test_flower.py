@@ -1,0 +1,121 @@
+"""Flower hosts as deployed by roles/flower (issue 5): processes, listeners, files, hardening.
+
+Only nginx may listen on the network: Flower 2.2.0 serves /metrics and /healthcheck without
+authentication, so Flower and the queue-depth exporter must be on loopback only.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+FLOWER_PORT = 5556
+PROXY_PORT = 5555
+EXPORTER_PORT = 9808
+MAX_EXPOSURE = 2.0
+
+
+@pytest.fixture
+def flower_host(host, lab_groups: dict[str, list[str]]) -> str:
+    name = host.backend.get_hostname()
+    if name not in lab_groups.get("flower", []):
+        pytest.skip(f"{name} is not in the flower group")
+    return name
+
+
+def supervised(host) -> bool:
+    return host.file("/etc/supervisor/conf.d/celery-ha-flower.conf").exists
+
+
+def listeners(host, port: int) -> set[str]:
+    """Local addresses with a TCP listener on `port`."""
+    out = host.check_output("ss -Hltn")
+    found = set()
+    for line in out.splitlines():
+        local = line.split()[3]
+        address, _, p = local.rpartition(":")
+        if p == str(port):
+            found.add(address.strip("[]"))
+    return found
+
+
+def test_flower_and_exporter_running(host, flower_host: str) -> None:
+    if supervised(host):
+        status = host.check_output("supervisorctl status flower celery-ha-queue-depth")
+        assert re.search(r"^flower\s+RUNNING", status, re.M), status
+        assert re.search(r"^celery-ha-queue-depth\s+RUNNING", status, re.M), status
+    else:
+        for unit in ("flower.service", "celery-ha-queue-depth.service"):
+            svc = host.service(unit)
+            assert svc.is_enabled, unit
+            assert svc.is_running, unit
+    nginx = host.service("nginx.service")
+    assert nginx.is_enabled and nginx.is_running
+
+
+def test_flower_runs_as_the_service_user(host, flower_host: str) -> None:
+    users = host.check_output("ps -o user= -C celery").split()
+    assert users and set(users) == {"celery"}, users
+
+
+def test_only_nginx_is_on_the_network(host, flower_host: str, lab_addresses) -> None:
+    assert listeners(host, FLOWER_PORT) <= {"127.0.0.1", "::1"}, "Flower must bind loopback only"
+    assert listeners(host, FLOWER_PORT), "Flower is not listening"
+    assert listeners(host, EXPORTER_PORT) == {"127.0.0.1"}
+    assert listeners(host, PROXY_PORT) == {lab_addresses[flower_host]}
+    # Debian's default site (0.0.0.0:80) is removed.
+    assert not listeners(host, 80)
+
+
+@pytest.mark.parametrize(
+    ("path", "group"),
+    [
+        ("/etc/celery-ha/flower.env", "celery"),
+        ("/etc/celery-ha/queue-depth.env", "celery"),
+        ("/etc/nginx/celery-ha-flower.htpasswd", "www-data"),
+    ],
+)
+def test_secret_files_are_private(host, flower_host: str, path: str, group: str) -> None:
+    f = host.file(path)
+    assert f.exists
+    assert (f.user, f.group, f.mode) == ("root", group, 0o640)
+
+
+def test_env_files_hold_the_generated_secrets(host, flower_host: str, secret) -> None:
+    flower_env = host.file("/etc/celery-ha/flower.env").content_string
+    assert f"FLOWER_BASIC_AUTH=flower:{secret('flower_basic_auth_password')}\n" in flower_env
+    assert f"FLOWER_COOKIE_SECRET={secret('flower_cookie_secret')}\n" in flower_env
+    assert "FLOWER_ADDRESS=127.0.0.1\n" in flower_env
+    depth_env = host.file("/etc/celery-ha/queue-depth.env").content_string
+    assert f"QUEUE_DEPTH_REDIS_PASSWORD={secret('redis_celery_password')}\n" in depth_env
+    assert f"QUEUE_DEPTH_SENTINEL_PASSWORD={secret('sentinel_password')}\n" in depth_env
+
+
+def test_password_file_holds_a_hash_not_the_password(host, flower_host: str, secret) -> None:
+    content = host.file("/etc/nginx/celery-ha-flower.htpasswd").content_string
+    assert re.fullmatch(r"flower:\$6\$[A-Za-z0-9./]{8,16}\$[A-Za-z0-9./]{86}\n", content), content
+    assert secret("flower_basic_auth_password") not in content
+
+
+def test_nginx_configuration_is_valid(host, flower_host: str) -> None:
+    assert host.run("nginx -t").rc == 0
+
+
+def test_flower_version_pinned(host, flower_host: str) -> None:
+    version = host.check_output(
+        "/opt/celery-ha/venv/bin/python -c "
+        "\"import importlib.metadata as m; print(m.version('flower'))\""
+    )
+    assert version.strip() == "2.2.0"
+
+
+@pytest.mark.parametrize("unit", ["flower.service", "celery-ha-queue-depth.service"])
+def test_units_are_hardened(host, flower_host: str, unit: str) -> None:
+    if supervised(host):
+        pytest.skip("supervisor mode: the units are not installed")
+    out = host.check_output(f"systemd-analyze security {unit}")
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+    assert match, out[-500:]
+    print(f"{unit}: exposure {match.group(1)}")
+    assert float(match.group(1)) <= MAX_EXPOSURE, out[-1500:]
