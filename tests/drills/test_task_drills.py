@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from cluster import REPO, Cluster, Lab
-from ledger import Ledger, Producer, Report, new_run_id, wait_until
+from ledger import Ledger, Producer, Report, longest_gap, new_run_id, wait_until
 
 RATE = float(os.environ.get("DRILLS_RATE", "20"))
 PLAYBOOK_ARGS: list[str] = shlex.split(os.environ.get("DRILLS_PLAYBOOK_ARGS", ""))
@@ -113,6 +113,10 @@ class Load:
             failed = -1
         window = (gap_from, t_stop) if gap_from is not None else None
         report = self.ledger.report(parked=parked, failed=failed, gap_window=window)
+        if window is not None:
+            # Tells a stalled producer apart from stalled workers when the gap is long.
+            pub_gap = longest_gap(self.ledger.published.values(), *window)
+            report.extra["longest gap with no publish accepted"] = f"{pub_gap[0]:.2f} s"
         if self.producer.last_error:
             report.extra["last publish error"] = self.producer.last_error
         return report
@@ -156,6 +160,8 @@ def record(figures: list[dict[str, Any]], drill: str, report: Report, **extra: A
     }
     if report.gap is not None:
         row["gap_s"] = round(report.gap[0], 2)
+    if "longest gap with no publish accepted" in report.extra:
+        row["publish_gap_s"] = report.extra["longest gap with no publish accepted"]
     row.update(extra)
     figures.append(row)
 
