@@ -222,3 +222,25 @@ def test_http_endpoint_serves_metrics_and_404s_elsewhere() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_env_file_is_read_like_systemd(tmp_path: Path) -> None:
+    path = tmp_path / "queue-depth.env"
+    path.write_text(
+        "# comment\n\nQUEUE_DEPTH_SENTINELS=10.0.0.1:26379\n"
+        'QUEUE_DEPTH_MASTER_NAME="celery"\nQUEUE_DEPTH_REDIS_PASSWORD=a=b\n'
+    )
+    env = qd.read_env_file(str(path))
+    assert env == {
+        "QUEUE_DEPTH_SENTINELS": "10.0.0.1:26379",
+        "QUEUE_DEPTH_MASTER_NAME": "celery",
+        "QUEUE_DEPTH_REDIS_PASSWORD": "a=b",
+    }
+    path.write_text("not a pair\n")
+    with pytest.raises(ValueError):
+        qd.read_env_file(str(path))
+
+
+def test_main_refuses_bad_arguments_and_config() -> None:
+    assert qd.main(["--env-file"]) == 2
+    assert qd.main(["--env-file", "/nonexistent/queue-depth.env"]) == 2
