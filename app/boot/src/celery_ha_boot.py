@@ -1,0 +1,85 @@
+"""``celery -A celery_ha_boot ...``: run ANY Celery app with the deployment's settings.
+
+Why a wrapper instead of celery's global ``--config MODULE``: in celery 5.6.3 ``--config``
+only sets ``CELERY_CONFIG_MODULE``, which the loader reads when the app has no config source
+of its own. An app that calls ``app.config_from_object(...)`` (most do) replaces it silently,
+and settings the app passed to ``Celery(broker=...)`` or ``app.conf.update()`` win over it
+anyway. Here the settings are applied with ``app.conf.update()`` after the app module is
+imported: before the app is configured they land in its pre-configuration, which celery
+gives precedence over any config_from_object source; after, they overwrite the finalized
+settings. Either way the broker wiring is the deployment's, whatever the app says.
+
+The app is named by CELERY_HA_APP, in the same syntax as ``celery -A`` (``pkg.module`` or
+``pkg.module:attribute``), and found with celery's own ``find_app``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import celery_ha_settings
+from celery import Celery
+from celery.app.utils import find_app
+from celery_ha_settings import SettingsError
+
+# `app` is provided lazily by __getattr__ below.
+__all__ = ["boot"]
+
+
+def boot(environ: dict[str, str] | None = None) -> Celery:
+    """Import the app CELERY_HA_APP names and apply the CELERY_HA_* settings to it."""
+    env = os.environ if environ is None else environ
+    settings = celery_ha_settings.load(env)
+    # Worker instances get CELERY_HA_WORKER_* from their own env file; only they have them.
+    if any(key.startswith("CELERY_HA_WORKER_") for key in env):
+        celery_ha_settings.worker_options(env)
+
+    name = env["CELERY_HA_APP"].strip()
+    try:
+        found = find_app(name)
+    except ModuleNotFoundError as exc:
+        raise SettingsError(
+            "CELERY_HA_APP",
+            f"cannot import {name!r}: module {exc.name!r} not found in {sys.prefix}",
+        ) from exc
+    except AttributeError as exc:
+        raise SettingsError("CELERY_HA_APP", f"{name!r}: {exc}") from exc
+    if not isinstance(found, Celery):
+        raise SettingsError(
+            "CELERY_HA_APP", f"{name!r} is a {type(found).__name__}, not a Celery app"
+        )
+    routes = settings.pop("task_routes", None)
+    if routes:
+        # The deployment's routes first, the app's own after them: a route the operator set
+        # wins, and the app's remain for every task the operator did not mention.
+        own = found.conf.task_routes
+        if own is None:
+            own_list: list = []
+        elif isinstance(own, (list, tuple)):
+            own_list = list(own)
+        else:
+            own_list = [own]
+        settings["task_routes"] = [routes, *own_list]
+    found.conf.update(settings)
+    return found
+
+
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Celery:
+    # `app` is built on first access (PEP 562), which is exactly when `celery -A` looks it
+    # up; importing this module for its functions (tests, tools) has no side effect.
+    global _app
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _app is None:
+        try:
+            _app = boot()
+        except SettingsError as error:
+            # celery's CLI buries import errors under a traceback; one plain line first
+            # makes the journal (and supervisor's log) say what to fix.
+            print(f"celery-ha: configuration error: {error}", file=sys.stderr)
+            raise
+    return _app

@@ -1,0 +1,355 @@
+"""Celery settings for a celery-ha deployment, read from ``CELERY_HA_*`` environment variables.
+
+The deployment (Ansible) writes /etc/celery-ha/celery.env; systemd or the supervisor wrapper
+exports it; :func:`load` turns it into a plain dict of Celery settings. Nothing here knows
+about a particular app: ``celery_ha_boot`` applies the dict on top of whatever app
+``CELERY_HA_APP`` names, so users' apps never read our variables themselves.
+
+Every error names the variable at fault, because the only place an operator sees it is the
+journal of a unit that refuses to start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+PREFIX = "CELERY_HA_"
+
+# The worker pools a deployment may choose. gevent/eventlet are left out on purpose: they
+# need extra packages and do not enforce hard time limits, which the sample app relies on.
+WORKER_POOLS = ("prefork", "threads", "solo")
+# A ceiling that catches typos (20000 instead of 2) rather than a real capacity limit.
+MAX_CONCURRENCY = 256
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_APP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(?::[A-Za-z_][A-Za-z0-9_.]*)?$")
+
+
+class SettingsError(ValueError):
+    """A CELERY_HA_* variable is missing or invalid; the message starts with its name."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.variable = name
+        super().__init__(f"{name}: {problem}")
+
+
+class _Env:
+    """Typed access to the CELERY_HA_* variables of one environment mapping."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def raw(self, key: str) -> str | None:
+        """The stripped value, or None when unset or empty (an empty line in the env file
+        written by a template means "not set", not "the empty string")."""
+        value = self._environ.get(PREFIX + key)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def required(self, key: str) -> str:
+        value = self.raw(key)
+        if value is None:
+            raise SettingsError(PREFIX + key, "is required but not set")
+        return value
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        value = self.raw(key)
+        return default if value is None else value
+
+    def integer(
+        self, key: str, default: int | None, *, minimum: int = 0, maximum: int | None = None
+    ) -> int | None:
+        value = self.raw(key)
+        if value is None:
+            return default
+        try:
+            number = int(value, 10)
+        except ValueError:
+            raise SettingsError(PREFIX + key, f"must be an integer, got {value!r}") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise SettingsError(PREFIX + key, f"must be {bounds}, got {number}")
+        return number
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self.raw(key)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise SettingsError(PREFIX + key, f"must be a number, got {value!r}") from None
+        if not number >= minimum:  # also rejects nan
+            raise SettingsError(PREFIX + key, f"must be >= {minimum}, got {value}")
+        return number
+
+
+def parse_sentinels(value: str, name: str = PREFIX + "SENTINELS") -> list[tuple[str, int]]:
+    """``host:port`` items separated by commas or spaces; IPv6 hosts in brackets."""
+    sentinels: list[tuple[str, int]] = []
+    for item in re.split(r"[,\s]+", value.strip()):
+        if not item:
+            continue
+        host, sep, port_text = item.rpartition(":")
+        if not sep or not host or not _HOST_RE.match(host):
+            raise SettingsError(name, f"{item!r} is not host:port (IPv6 as [addr]:port)")
+        try:
+            port = int(port_text, 10)
+        except ValueError:
+            raise SettingsError(name, f"{item!r} has a port that is not a number") from None
+        if not 0 < port < 65536:
+            raise SettingsError(name, f"{item!r} has a port outside 1-65535")
+        if (host, port) in sentinels:
+            raise SettingsError(name, f"{item!r} is listed twice")
+        sentinels.append((host, port))
+    if not sentinels:
+        raise SettingsError(name, "lists no sentinel")
+    return sentinels
+
+
+def _credentials(username: str | None, password: str | None) -> str:
+    # Quoted because generated passwords may hold '@', '/', ':' or '%'; kombu and celery
+    # unquote the user info of each URL.
+    if password is None:
+        return ""
+    user = quote(username, safe="") if username else ""
+    return f"{user}:{quote(password, safe='')}@"
+
+
+def sentinel_url(
+    sentinels: list[tuple[str, int]], db: int, username: str | None, password: str | None
+) -> str:
+    """One ``sentinel://`` URL per sentinel joined by ``;``: kombu and celery's
+    SentinelBackend both try every listed sentinel, so losing any one of them (or any
+    minority) does not stop discovery of the master."""
+    creds = _credentials(username, password)
+    return ";".join(f"sentinel://{creds}{host}:{port}/{db}" for host, port in sentinels)
+
+
+def _compression(value: str | None) -> str | None:
+    if value is None or value.lower() == "none":
+        return None
+    from kombu import compression
+
+    try:
+        compression.get_encoder(value)
+    except Exception:
+        # kombu registers an encoder only when its library imports; list what this venv has.
+        available = ", ".join(sorted(compression.encoders())) or "none"
+        raise SettingsError(
+            PREFIX + "COMPRESSION",
+            f"unknown or unavailable {value!r} (available: {available}, or 'none')",
+        ) from None
+    return value
+
+
+def parse_task_routes(
+    value: str | None, name: str = PREFIX + "TASK_ROUTES"
+) -> dict[str, dict[str, str]]:
+    """A JSON object: task name or glob -> queue name (or {"queue": name}). Empty = none."""
+    if value is None:
+        return {}
+    try:
+        routes = json.loads(value)
+    except ValueError as exc:
+        raise SettingsError(name, f"is not valid JSON ({exc})") from None
+    if not isinstance(routes, dict):
+        raise SettingsError(name, 'must be a JSON object like {"reports.*": "reports"}')
+    parsed: dict[str, dict[str, str]] = {}
+    for pattern, target in routes.items():
+        queue = target.get("queue") if isinstance(target, dict) else target
+        if not isinstance(queue, str) or not _QUEUE_RE.match(queue):
+            raise SettingsError(name, f"route {pattern!r} -> {target!r} does not name a queue")
+        parsed[pattern] = {"queue": queue}
+    return parsed
+
+
+def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Celery settings (lowercase names) from the CELERY_HA_* variables of ``environ``.
+
+    Raises SettingsError naming the first variable that is missing or invalid.
+    """
+    if environ is None:
+        import os
+
+        environ = os.environ
+    env = _Env(environ)
+
+    app_name = env.required("APP")
+    if not _APP_RE.match(app_name):
+        raise SettingsError(
+            PREFIX + "APP", f"{app_name!r} is not a module path (pkg.module or pkg.module:attr)"
+        )
+    sentinels = parse_sentinels(env.required("SENTINELS"))
+    master_name = env.required("MASTER_NAME")
+
+    redis_username = env.string("REDIS_USERNAME")
+    redis_password = env.string("REDIS_PASSWORD")
+    if redis_username and not redis_password:
+        raise SettingsError(
+            PREFIX + "REDIS_PASSWORD", "is required when CELERY_HA_REDIS_USERNAME is set"
+        )
+    sentinel_username = env.string("SENTINEL_USERNAME")
+    sentinel_password = env.string("SENTINEL_PASSWORD")
+    if sentinel_username and not sentinel_password:
+        raise SettingsError(
+            PREFIX + "SENTINEL_PASSWORD", "is required when CELERY_HA_SENTINEL_USERNAME is set"
+        )
+
+    broker_db = env.integer("BROKER_DB", 0, maximum=15)
+    result_db = env.integer("RESULT_DB", 1, maximum=15)
+    if broker_db == result_db:
+        # kombu keeps its queues and unacked hash as plain keys: results written beside them
+        # make `redis-cli --scan` useless for operators and risk key clashes.
+        raise SettingsError(
+            PREFIX + "RESULT_DB", f"must differ from CELERY_HA_BROKER_DB (both {broker_db})"
+        )
+
+    task_time_limit = env.integer("TASK_TIME_LIMIT", None, minimum=1)
+    visibility_timeout = env.integer("VISIBILITY_TIMEOUT", 3600, minimum=1)
+    if task_time_limit is not None and visibility_timeout <= task_time_limit:
+        # Redis redelivers an unacked message after visibility_timeout; with acks_late a
+        # task still running then would run twice.
+        raise SettingsError(
+            PREFIX + "VISIBILITY_TIMEOUT",
+            f"must be above CELERY_HA_TASK_TIME_LIMIT ({visibility_timeout} <= {task_time_limit})",
+        )
+
+    socket_timeout = env.number("SOCKET_TIMEOUT", 5.0, minimum=0.1)
+    result_expires = env.integer("RESULT_EXPIRES", 86400, minimum=1)
+    compression = _compression(env.string("COMPRESSION"))
+    default_queue = env.string("DEFAULT_QUEUE")
+    if default_queue is not None and not _QUEUE_RE.match(default_queue):
+        raise SettingsError(PREFIX + "DEFAULT_QUEUE", f"{default_queue!r} is not a queue name")
+
+    task_routes = parse_task_routes(env.string("TASK_ROUTES"))
+
+    publish_retry_policy = {
+        "max_retries": env.integer("PUBLISH_RETRY_MAX_RETRIES", 20, minimum=0),
+        "interval_start": env.number("PUBLISH_RETRY_INTERVAL_START", 0.0),
+        "interval_step": env.number("PUBLISH_RETRY_INTERVAL_STEP", 0.5),
+        "interval_max": env.number("PUBLISH_RETRY_INTERVAL_MAX", 2.0),
+    }
+    log_level(environ)  # validated here too so a bad value fails the same way everywhere
+
+    # Sentinel connections get their own auth and timeouts: redis-py uses sentinel_kwargs,
+    # not the Redis credentials, for them, and without a connect timeout an unreachable
+    # sentinel (a cut network, not a refused port) would stall master discovery.
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+    }
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+        if sentinel_username:
+            sentinel_kwargs["username"] = sentinel_username
+
+    settings: dict[str, Any] = {
+        "broker_url": sentinel_url(sentinels, broker_db, redis_username, redis_password),
+        "broker_transport_options": {
+            "master_name": master_name,
+            "sentinel_kwargs": dict(sentinel_kwargs),
+            "visibility_timeout": visibility_timeout,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            "socket_keepalive": True,
+            "retry_on_timeout": True,
+        },
+        "result_backend": sentinel_url(sentinels, result_db, redis_username, redis_password),
+        "result_backend_transport_options": {
+            "master_name": master_name,
+            "sentinel_kwargs": dict(sentinel_kwargs),
+        },
+        "redis_socket_timeout": socket_timeout,
+        "redis_socket_connect_timeout": socket_timeout,
+        "redis_socket_keepalive": True,
+        "redis_retry_on_timeout": True,
+        # A failover takes ~6 s (LAB-NOTES): writing a result must wait it out, not fail the
+        # task that produced it.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_expires": result_expires,
+        # Reliable delivery: ack after the task ran, requeue if its worker process dies, and
+        # reserve one message at a time so a dying worker strands nothing else.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Keep trying the broker at start-up and forever after: during a failover or while
+        # Redis boots, a worker that gave up would need a human to restart it.
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "broker_channel_error_retry": True,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": publish_retry_policy,
+        # Flower (and `celery events`) see tasks only with these on.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+    }
+    if task_time_limit is not None:
+        settings["task_time_limit"] = task_time_limit
+    if compression is not None:
+        settings["task_compression"] = compression
+        settings["result_compression"] = compression
+    if default_queue is not None:
+        settings["task_default_queue"] = default_queue
+    if task_routes:
+        # celery_ha_boot puts these in front of the app's own routes (first match wins);
+        # a client using this dict directly just gets the deployment's routes.
+        settings["task_routes"] = task_routes
+    return settings
+
+
+def log_level(environ: Mapping[str, str] | None = None) -> str:
+    """CELERY_HA_LOG_LEVEL for the command lines (default INFO)."""
+    if environ is None:
+        import os
+
+        environ = os.environ
+    value = (_Env(environ).string("LOG_LEVEL", "INFO") or "INFO").upper()
+    if value not in LOG_LEVELS:
+        raise SettingsError(
+            PREFIX + "LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}"
+        )
+    return value
+
+
+def worker_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The per-instance worker variables (/etc/celery-ha/worker-<name>.env).
+
+    The command line passes them to ``celery worker`` itself; they are checked here, at app
+    import (before click parses the worker's options), so that a bad value is reported by
+    name instead of as a bare click usage error.
+    """
+    if environ is None:
+        import os
+
+        environ = os.environ
+    env = _Env(environ)
+    queues_text = env.required("WORKER_QUEUES")
+    # Comma-separated without spaces: the value goes verbatim into `--queues=` and celery
+    # would keep a space as part of the queue name.
+    queues = queues_text.split(",")
+    for queue in queues:
+        if not _QUEUE_RE.match(queue):
+            raise SettingsError(
+                PREFIX + "WORKER_QUEUES",
+                f"{queue!r} is not a queue name (use a,b,c without spaces)",
+            )
+    concurrency = env.integer("WORKER_CONCURRENCY", None, minimum=1, maximum=MAX_CONCURRENCY)
+    if concurrency is None:
+        raise SettingsError(PREFIX + "WORKER_CONCURRENCY", "is required but not set")
+    pool = env.required("WORKER_POOL")
+    if pool not in WORKER_POOLS:
+        raise SettingsError(
+            PREFIX + "WORKER_POOL", f"must be one of {', '.join(WORKER_POOLS)}, got {pool!r}"
+        )
+    return {"queues": queues, "concurrency": concurrency, "pool": pool}
