@@ -1,0 +1,33 @@
+"""The app object and its behaviour: routes, queues, schedule.
+
+Deliberately no broker, backend or reliability setting here: those belong to the
+deployment and come from the environment through ``celery_ha_boot``. What stays is what
+the app's authors own: which task goes to which queue and what runs periodically.
+"""
+
+from celery import Celery
+from celery.schedules import crontab
+
+app = Celery(
+    "celery_ha_app",
+    include=["celery_ha_app.tasks", "celery_ha_app.reports", "celery_ha_app.drill_tasks"],
+)
+
+app.conf.update(
+    # Named queues instead of celery's implicit "celery", so worker instances can be sized
+    # per kind of work (celery-worker@default, celery-worker@reports).
+    task_default_queue="default",
+    task_routes={"reports.*": {"queue": "reports"}},
+    # Results as JSON only: pickle would let anyone who can write to Redis run code.
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    timezone="UTC",
+    enable_utc=True,
+    beat_schedule={
+        "reminder-every-minute": {
+            "task": "celery_ha_app.tasks.reminder",
+            "schedule": crontab(),  # every minute, on the minute
+        },
+    },
+)
