@@ -94,3 +94,65 @@ def lab(lab_dir: Path):
         )
 
     return run
+
+
+PREFLIGHT_PLAY = """\
+- name: Preflight only (the validate entry points, as play 0 of site.yml runs them)
+  hosts: all
+  gather_facts: false
+  any_errors_fatal: true
+  tasks:
+{tasks}
+"""
+PREFLIGHT_TASK = """\
+    - name: Validate {role}
+      ansible.builtin.include_role:
+        name: {role}
+        tasks_from: validate
+      when: {when}
+"""
+
+
+@pytest.fixture
+def preflight(tmp_path: Path, secrets_dir: Path):
+    """preflight(inventory_ini, roles={'cluster': 'all', ...}, **extra_vars) -> (rc, output).
+
+    Runs only the roles' validate entry points against hosts that are never contacted
+    (ansible_connection=local, no facts), reusing the lab's secrets so nothing new is generated.
+    """
+
+    def run(inventory_ini: str, roles: dict[str, str], **extra: str) -> tuple[int, str]:
+        tasks = "".join(
+            PREFLIGHT_TASK.format(
+                role=role,
+                when="true"
+                if group == "all"
+                else f"inventory_hostname in groups['{group}'] | default([])",
+            )
+            for role, group in roles.items()
+        )
+        playbook = tmp_path / "preflight.yml"
+        playbook.write_text(PREFLIGHT_PLAY.format(tasks=tasks))
+        inventory_file = tmp_path / "inventory.ini"
+        inventory_file.write_text(inventory_ini + "\n[all:vars]\nansible_connection=local\n")
+        args = ["-e", f"cluster_secrets_dir={secrets_dir}"]
+        for key, value in extra.items():
+            args += ["-e", f"{key}={value}"]
+        env = dict(
+            os.environ,
+            ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+            ANSIBLE_ROLES_PATH=str(REPO / "ansible" / "roles"),
+            ANSIBLE_FORCE_COLOR="0",
+            ANSIBLE_NOCOLOR="1",
+        )
+        proc = subprocess.run(
+            ["ansible-playbook", "-i", str(inventory_file), str(playbook), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+        return proc.returncode, proc.stdout + proc.stderr
+
+    return run

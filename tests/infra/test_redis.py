@@ -321,3 +321,60 @@ def test_exactly_one_master_and_every_replica_connected(clients, lab_addresses) 
         if master_info[f"slave{i}"]["state"] == "online"
     }
     assert announced == {lab_addresses[h] for h in replicas}
+
+
+# -- preflight: bad input is refused, naming the variable -------------------------------
+
+THREE = "[redis]\nn1\nn2\nn3\n[sentinel]\nn1\nn2\nn3\n"
+ROLES = {"cluster": "all", "redis": "redis", "sentinel": "sentinel"}
+
+
+def test_preflight_accepts_the_defaults(preflight) -> None:
+    rc, out = preflight(THREE, ROLES)
+    assert rc == 0, out[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"cluster_redis_celery_password": "password"}, "cluster_redis_celery_password"),
+        ({"cluster_redis_admin_password": "short"}, "cluster_redis_admin_password"),
+        ({"cluster_sentinel_password": ""}, "cluster_sentinel_password"),
+        (
+            {"cluster_redis_replication_password": "Password1234567890!"},
+            "cluster_redis_replication_password",
+        ),
+        (
+            {"cluster_redis_sentinel_password": "has space in it 1234"},
+            "cluster_redis_sentinel_password",
+        ),
+        ({"cluster_redis_initial_master": "n9"}, "cluster_redis_initial_master"),
+        ({"redis_maxmemory_policy": "allkeys-lru"}, "redis_maxmemory_policy"),
+        ({"redis_maxmemory": "0"}, "redis_maxmemory"),
+        ({"redis_min_replicas_to_write": "3"}, "redis_min_replicas_to_write"),
+        ({"cluster_celery_result_db": "0"}, "cluster_celery_result_db"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_preflight_refuses_bad_input(preflight, extra: dict[str, str], named: str) -> None:
+    rc, out = preflight(THREE, ROLES, **extra)
+    assert rc != 0, out[-3000:]
+    assert named in out
+    for key, value in extra.items():
+        if "password" in key and len(value) > 8:  # a refused secret is never echoed back
+            assert value not in out
+
+
+@pytest.mark.parametrize(
+    ("inventory_ini", "named"),
+    [
+        ("[redis]\n[sentinel]\nn1\nn2\nn3\n", "cluster_redis_group"),
+        ("[redis]\nn1\nn2\nn3\n[sentinel]\n", "cluster_sentinel_group"),
+        ("[sentinel]\nn1\nn2\nn3\n", "cluster_redis_group"),
+    ],
+    ids=["empty redis group", "empty sentinel group", "missing redis group"],
+)
+def test_preflight_refuses_empty_groups(preflight, inventory_ini: str, named: str) -> None:
+    rc, out = preflight(inventory_ini, {"cluster": "all"})
+    assert rc != 0, out[-3000:]
+    assert named in out

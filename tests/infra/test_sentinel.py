@@ -162,3 +162,25 @@ def clients_admin(lab_addresses, secret):
     yield make
     for client in opened:
         client.close()
+
+
+# -- preflight: bad input is refused, naming the variable -------------------------------
+
+ROLES = {"cluster": "all", "redis": "redis", "sentinel": "sentinel"}
+
+
+def test_preflight_refuses_fewer_than_three_sentinels(preflight) -> None:
+    rc, out = preflight("[redis]\nn1\nn2\nn3\n[sentinel]\nn1\nn2\n", ROLES)
+    assert rc != 0, out[-3000:]
+    assert "cluster_sentinel_group" in out
+    assert "at least 3" in out
+
+
+@pytest.mark.parametrize("quorum", ["1", "4"])
+def test_preflight_refuses_a_quorum_that_is_not_a_majority(preflight, quorum: str) -> None:
+    rc, out = preflight(
+        "[redis]\nn1\nn2\nn3\n[sentinel]\nn1\nn2\nn3\n", ROLES, sentinel_quorum=quorum
+    )
+    assert rc != 0, out[-3000:]
+    assert "sentinel_quorum" in out
+    assert "majority" in out
