@@ -41,6 +41,12 @@ class Lab:
         self.script = REPO / "tests" / "lab" / "lab"
         self.inventory = self.lab_dir / "inventory.ini"
         self.env = dict(os.environ, LAB_DIR=str(self.lab_dir))
+        if "LAB_NET" not in os.environ and self.exists():
+            # The lab script finds hosts by LAB_NET; a caller that only set LAB_DIR must not
+            # end up talking to another lab on the default subnet.
+            first = next(iter(self.addresses().values()), None)
+            if first:
+                self.env["LAB_NET"] = first.rsplit(".", 1)[0]
 
     def exists(self) -> bool:
         return self.inventory.is_file()
