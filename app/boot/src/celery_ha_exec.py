@@ -59,7 +59,13 @@ def _unquote(value: str, where: str) -> str:
         return "".join(out)
     if value[:1] in ("'", '"'):
         raise EnvFileError(f"{where}: unterminated quote")
-    return value
+    if value.endswith("\\"):
+        raise EnvFileError(f"{where}: line continuations are not supported")
+    # Unquoted, systemd drops a backslash and keeps the character after it.
+    out, chars = [], iter(value)
+    for ch in chars:
+        out.append(next(chars, "") if ch == "\\" else ch)
+    return "".join(out)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
