@@ -1,0 +1,152 @@
+"""celery_ha_boot: any app, however it configures itself, ends up with the deployment's
+settings, and a wrong CELERY_HA_APP is reported by name."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import celery_ha_boot
+import pytest
+from celery_ha_settings import SettingsError
+from test_settings import GOOD
+
+_names = itertools.count()
+
+
+def user_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> str:
+    """Write a throwaway app module (a fresh name each time: imports are cached)."""
+    name = f"userapp_{next(_names)}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # config_from_object: what celery's --config cannot override.
+        """
+        from celery import Celery
+        app = Celery("u")
+        app.config_from_object({"broker_url": "redis://wrong:1/0", "result_backend": "redis://wrong:1/1"})
+        """,
+        # constructor arguments and conf.update()
+        """
+        from celery import Celery
+        app = Celery("u", broker="redis://wrong:1/0", backend="redis://wrong:1/1")
+        app.conf.update(task_acks_late=False, worker_prefetch_multiplier=4)
+        """,
+        # an app already configured (its conf read) at import time
+        """
+        from celery import Celery
+        app = Celery("u")
+        app.conf.broker_url = "redis://wrong:1/0"
+        assert app.conf.broker_url
+        """,
+    ],
+)
+def test_deployment_settings_win_over_the_apps_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str
+) -> None:
+    name = user_app(tmp_path, monkeypatch, body)
+    app = celery_ha_boot.boot({**GOOD, "CELERY_HA_APP": name})
+    assert app.conf.broker_url.startswith("sentinel://")
+    assert app.conf.result_backend.startswith("sentinel://")
+    assert app.conf.task_acks_late is True
+    assert app.conf.worker_prefetch_multiplier == 1
+    assert app.conf.broker_transport_options["master_name"] == "celery"
+
+
+def test_deployment_routes_go_first_and_the_apps_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = user_app(
+        tmp_path,
+        monkeypatch,
+        """
+        from celery import Celery
+        app = Celery("u")
+        app.conf.task_routes = {"a.*": {"queue": "from-app"}, "b.*": {"queue": "from-app"}}
+        """,
+    )
+    app = celery_ha_boot.boot(
+        {**GOOD, "CELERY_HA_APP": name, "CELERY_HA_TASK_ROUTES": '{"a.*":"from-ops"}'}
+    )
+    router = app.amqp.router
+    assert router.route({}, "a.x")["queue"].name == "from-ops"
+    assert router.route({}, "b.x")["queue"].name == "from-app"
+
+
+def test_the_second_app_with_an_explicit_attribute() -> None:
+    app = celery_ha_boot.boot(
+        {
+            **GOOD,
+            "CELERY_HA_APP": "inventory_app.worker:inventory",
+            "CELERY_HA_DEFAULT_QUEUE": "inventory",
+        }
+    )
+    assert app.main == "inventory"
+    assert "inventory.count_items" in app.tasks
+    # its own celeryconfig pointed at redis://127.0.0.1:6379/9
+    assert app.conf.broker_url.startswith("sentinel://celery:")
+    assert "@10.0.0.11:26379/0;" in app.conf.broker_url
+    assert app.conf.task_default_queue == "inventory"
+
+
+@pytest.mark.parametrize(
+    ("app_name", "fragment"),
+    [
+        ("no_such_module_xyz", "not found"),
+        ("inventory_app.worker:missing", "missing"),
+        ("inventory_app.worker:count_items", "not a Celery app"),
+    ],
+)
+def test_a_wrong_app_is_reported_by_name(app_name: str, fragment: str) -> None:
+    with pytest.raises(SettingsError) as excinfo:
+        celery_ha_boot.boot({**GOOD, "CELERY_HA_APP": app_name})
+    assert excinfo.value.variable == "CELERY_HA_APP"
+    assert fragment in str(excinfo.value)
+
+
+def test_worker_variables_are_checked_when_present() -> None:
+    with pytest.raises(SettingsError, match="CELERY_HA_WORKER_CONCURRENCY"):
+        celery_ha_boot.boot(
+            {
+                **GOOD,
+                "CELERY_HA_WORKER_QUEUES": "default",
+                "CELERY_HA_WORKER_CONCURRENCY": "0",
+                "CELERY_HA_WORKER_POOL": "prefork",
+            }
+        )
+
+
+def celery_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    repo = Path(__file__).resolve().parents[2]
+    path = ":".join(
+        str(repo / p) for p in ("app/boot/src", "app/src", "tests/apps/inventory_app/src")
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "celery_ha_boot", *args],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": path, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_celery_cli_loads_the_app_through_boot() -> None:
+    result = celery_cli(GOOD, "report")
+    assert result.returncode == 0, result.stderr
+    assert "celery_ha_app" in result.stdout
+    assert "sentinel://" in result.stdout
+
+
+def test_the_celery_cli_says_which_variable_is_wrong() -> None:
+    result = celery_cli({**GOOD, "CELERY_HA_SENTINELS": "nope"}, "report")
+    assert result.returncode != 0
+    assert "celery-ha: configuration error: CELERY_HA_SENTINELS:" in result.stderr
