@@ -14,8 +14,20 @@ HOST = "node4"
 LAB = str(REPO / "tests" / "lab" / "lab")
 
 
-def _ssh(host: str, command: str) -> str:
-    proc = run([LAB, "ssh", host, command], timeout=60)
+def _ssh(address: str, command: str) -> str:
+    """A command on a lab host over the lab's own key (works whatever LAB_NET is)."""
+    key = str(LAB_DIR / "ssh" / "id_ed25519")
+    opts = [
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "BatchMode=yes",
+    ]
+    proc = run(["ssh", "-i", key, *opts, f"root@{address}", command], timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -62,16 +74,19 @@ def test_second_app_worker_answers_ping(inventory_client: Celery) -> None:
     assert replies and replies[0][f"inventory@{HOST}"]["ok"] == "pong"
 
 
-def test_second_app_was_installed_offline_from_the_wheelhouse(other_app_deployed) -> None:
-    wheels = _ssh(HOST, "ls /opt/celery-ha/wheels").split()
+def test_second_app_was_installed_offline_from_the_wheelhouse(
+    other_app_deployed: LabInventory,
+) -> None:
+    addr = other_app_deployed.addresses[HOST]
+    wheels = _ssh(addr, "ls /opt/celery-ha/wheels").split()
     # The whole dependency tree was shipped, not only the app: the host never needed an index.
     for name in ("inventory_app-", "celery_ha_boot-", "celery-", "kombu-", "redis-"):
         assert any(w.startswith(name) for w in wheels), f"{name}* not in the wheelhouse: {wheels}"
-    freeze = _ssh(HOST, "/opt/celery-ha/venv/bin/pip freeze")
+    freeze = _ssh(addr, "/opt/celery-ha/venv/bin/pip freeze")
     assert re.search(r"^inventory-app @ file:///opt/celery-ha/wheels/", freeze, re.M) or (
         "inventory-app==" in freeze
     ), freeze
-    unit = _ssh(HOST, "systemctl is-active celery-worker@inventory")
+    unit = _ssh(addr, "systemctl is-active celery-worker@inventory")
     assert unit.strip() == "active"
-    app_env = _ssh(HOST, f"grep ^CELERY_HA_APP= {shlex.quote('/etc/celery-ha/celery.env')}")
+    app_env = _ssh(addr, f"grep ^CELERY_HA_APP= {shlex.quote('/etc/celery-ha/celery.env')}")
     assert app_env.strip() == "CELERY_HA_APP=inventory_app.worker:inventory"
