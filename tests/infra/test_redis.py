@@ -15,6 +15,7 @@ REDIS_PORT = 6379
 CONFIG_FILES = (
     "/etc/redis/redis.conf",
     "/etc/redis/celery-ha.conf",
+    "/etc/redis/celery-ha-auth.conf",
     "/etc/redis/celery-ha-static.conf",
     "/etc/redis/users.acl",
 )
@@ -119,6 +120,7 @@ def test_main_config_includes_role_settings(host, redis_host: str) -> None:
     content = host.file("/etc/redis/redis.conf").content_string
     assert "include /etc/redis/celery-ha-static.conf" in content
     assert "include /etc/redis/celery-ha.conf" in content
+    assert "include /etc/redis/celery-ha-auth.conf" in content
 
 
 def test_kernel_settings_persisted(host, redis_host: str) -> None:
