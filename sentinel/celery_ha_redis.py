@@ -7,17 +7,21 @@ Only the Python standard library is used, so it works on a bare Debian host.
 
 Secrets never travel on a command line (ps, /proc/*/cmdline, Ansible -vvv): the password
 and the JSON input of call/sentinel-sync come as one JSON object on stdin,
-  {"password": "...", "input": ...}
+  {"password": "...", "input": ..., "redis_user": "...", "redis_password": "..."}
 When stdin is a terminal (an operator at a shell), the password is taken from REDISCLI_AUTH
 (as redis-cli does) and the input is not needed for `master`.
 
 Sub-commands:
-  master --name NAME --sentinel ADDR:PORT [--sentinel ...]
+  master --name NAME --sentinel ADDR:PORT [...] [--redis ADDR:PORT ...]
       Ask every Sentinel for the address of master NAME and print JSON:
-        {"state": "found", "address": A, "port": P, "votes": n, "answers": {...}}
-        {"state": "none", ...}   no Sentinel knows NAME (cluster not built yet)
+        {"state": "found", "source": "sentinel", "address": A, "port": P, ...}
+      When no Sentinel knows NAME, ask the --redis servers for their ROLE (as
+      input.redis_user / input.redis_password) and report the one master among them:
+        {"state": "found", "source": "redis", ...}
+        {"state": "none", ...}   nothing runs yet: a new cluster
       Exits 3 ("state": "split") when Sentinels answer but no address has a majority of
-      ALL listed Sentinels: the caller must not guess a master then.
+      ALL listed Sentinels, or when several servers claim to be master: the caller must
+      not guess a master then.
   call --host H --port P [--user U]
       Run the commands given as input (JSON list of lists of strings) and print their
       replies as a JSON list; exits 1 if any reply is an error.
@@ -114,16 +118,17 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def cmd_master(args: argparse.Namespace) -> int:
-    password = read_stdin().get("password")
+def ask_sentinels(
+    endpoints: list[str], name: str, password: str | None
+) -> tuple[dict[str, str | None], Counter[str]]:
     answers: dict[str, str | None] = {}
     votes: Counter[str] = Counter()
-    for endpoint in args.sentinel:
+    for endpoint in endpoints:
         host, port = split_endpoint(endpoint)
         try:
             conn = connect(host, port, None, password)
             try:
-                reply = conn.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", args.name)
+                reply = conn.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", name)
             finally:
                 conn.close()
         except (OSError, RedisError) as err:
@@ -136,20 +141,56 @@ def cmd_master(args: argparse.Namespace) -> int:
             votes[address] += 1
         else:
             answers[endpoint] = None
+    return answers, votes
+
+
+def ask_servers(endpoints: list[str], user: str | None, password: str | None) -> dict[str, str]:
+    """ROLE of every reachable Redis server, by endpoint ("master", "slave" or "error: ...")."""
+    roles: dict[str, str] = {}
+    for endpoint in endpoints:
+        host, port = split_endpoint(endpoint)
+        try:
+            conn = connect(host, port, user, password)
+            try:
+                roles[endpoint] = str(conn.command("ROLE")[0])
+            finally:
+                conn.close()
+        except (OSError, RedisError) as err:
+            roles[endpoint] = f"error: {err}"
+    return roles
+
+
+def cmd_master(args: argparse.Namespace) -> int:
+    given = read_stdin()
+    answers, votes = ask_sentinels(args.sentinel, args.name, given.get("password"))
     result: dict[str, Any] = {"answers": answers}
-    if not votes:
+    if votes:
+        address, count = votes.most_common(1)[0]
+        if count * 2 > len(args.sentinel):
+            host, port = split_endpoint(address)
+            result.update(state="found", source="sentinel", address=host, port=port, votes=count)
+            print(json.dumps(result))
+            return 0
+        result["state"] = "split"
+        print(json.dumps(result))
+        return 3
+    # No Sentinel knows the master (new cluster, or every Sentinel lost). Servers that are
+    # already running are asked next: if one of them is master, that is the master to
+    # follow, even when it is not the inventory's first host.
+    roles = ask_servers(args.redis or [], given.get("redis_user"), given.get("redis_password"))
+    result["roles"] = roles
+    masters = [endpoint for endpoint, role in roles.items() if role == "master"]
+    if len(masters) == 1:
+        host, port = split_endpoint(masters[0])
+        result.update(state="found", source="redis", address=host, port=port)
+    elif masters:
+        result["state"] = "split"
+        print(json.dumps(result))
+        return 3
+    else:
         result["state"] = "none"
-        print(json.dumps(result))
-        return 0
-    address, count = votes.most_common(1)[0]
-    if count * 2 > len(args.sentinel):
-        host, port = split_endpoint(address)
-        result.update(state="found", address=host, port=port, votes=count)
-        print(json.dumps(result))
-        return 0
-    result["state"] = "split"
     print(json.dumps(result))
-    return 3
+    return 0
 
 
 def cmd_call(args: argparse.Namespace) -> int:
@@ -206,6 +247,12 @@ def main() -> int:
     master = sub.add_parser("master", help="ask the Sentinels who the master is")
     master.add_argument("--name", required=True)
     master.add_argument("--sentinel", action="append", required=True, metavar="ADDR:PORT")
+    master.add_argument(
+        "--redis",
+        action="append",
+        metavar="ADDR:PORT",
+        help="Redis servers to ask (ROLE) when no Sentinel knows the master",
+    )
     master.set_defaults(func=cmd_master)
 
     call = sub.add_parser("call", help="run commands (JSON on stdin) on a Redis server")
