@@ -1,0 +1,430 @@
+#!/usr/bin/env python3
+"""celery-ha benchmarks (`make bench`; not part of CI). Prints a table, writes JSON.
+
+Every figure is the median of --runs runs (default 3), and the things compared are measured
+side by side in the same invocation on the same lab:
+
+  bringup   lab up from the cached base, and from nothing (base cache removed; skip with
+            --skip-from-nothing); destroys and recreates the lab at LAB_DIR
+  deploy    cold site.yml on fresh lab hosts, then a re-run (must report changed=0)
+  throughput  no-op tasks/s through the deployed cluster (production settings) vs a bare
+            `celery worker` with default settings on a throwaway plain Redis on one lab host,
+            vs that Redis' ceiling (redis-benchmark LPUSH/RPOP); plus the ratios
+  failover  master host crash -> Sentinel's +switch-master, and -> first task completed on
+            the new master, under a steady load
+
+Sections run in that order; --only picks some. Without bringup/deploy the lab at LAB_DIR
+must already be deployed. Traffic goes only to the lab's addresses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "drills"))
+
+import redis  # noqa: E402
+from cluster import Cluster, Lab, parse_recap  # noqa: E402
+from ledger import NOOP_TASK, Ledger, Producer, new_run_id, wait_until  # noqa: E402
+
+RESULTS = REPO / "bench-results"
+SECTIONS = ("bringup", "deploy", "throughput", "failover")
+BARE_PORT = 6390
+FILL_QUEUE = "bench-fill"
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%T')}] {msg}", flush=True)
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def timed(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> tuple[float, str, int]:
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    return time.monotonic() - t0, proc.stdout + proc.stderr, proc.returncode
+
+
+# ------------------------------------------------------------------------------------------
+# bring-up and deploy
+# ------------------------------------------------------------------------------------------
+def lab_cmd(lab: Lab, *args: str) -> list[str]:
+    return [str(lab.script), *args]
+
+
+def bench_bringup(lab: Lab, runs: int, from_nothing: bool) -> dict[str, Any]:
+    cached: list[float] = []
+    nothing: list[float] = []
+    cache_dir = Path(lab.env.get("LAB_CACHE") or lab.lab_dir / "cache")
+    for i in range(runs):
+        if from_nothing:
+            subprocess.run(lab_cmd(lab, "down"), env=lab.env, check=True, capture_output=True)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            took, out, rc = timed(lab_cmd(lab, "up"), lab.env)
+            if rc != 0:
+                raise RuntimeError(f"lab up from nothing failed:\n{out[-2000:]}")
+            nothing.append(took)
+            say(f"run {i + 1}: lab up from nothing {took:.1f} s")
+        subprocess.run(lab_cmd(lab, "down"), env=lab.env, check=True, capture_output=True)
+        took, out, rc = timed(lab_cmd(lab, "up"), lab.env)
+        if rc != 0:
+            raise RuntimeError(f"lab up failed:\n{out[-2000:]}")
+        cached.append(took)
+        say(f"run {i + 1}: lab up from the cached base {took:.1f} s")
+    return {
+        "lab_up_cached_s": median(cached),
+        "lab_up_from_nothing_s": median(nothing),
+        "runs": {"cached": cached, "from_nothing": nothing},
+    }
+
+
+def playbook_cmd(lab: Lab) -> list[str]:
+    bindir = Path(sys.executable).parent
+    return [
+        str(bindir / "ansible-playbook"),
+        "-i",
+        str(lab.inventory),
+        str(REPO / "ansible" / "site.yml"),
+    ]
+
+
+def bench_deploy(lab: Lab, runs: int) -> dict[str, Any]:
+    env = dict(lab.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    cold: list[float] = []
+    rerun: list[float] = []
+    changed: list[int] = []
+    for i in range(runs):
+        # Fresh hosts every run (the cached base stays): a cold deploy, not a warm one.
+        subprocess.run(lab_cmd(lab, "down"), env=env, check=True, capture_output=True)
+        subprocess.run(lab_cmd(lab, "up"), env=env, check=True, capture_output=True)
+        took, out, rc = timed(playbook_cmd(lab), env)
+        if rc != 0:
+            raise RuntimeError(f"cold site.yml failed:\n{out[-3000:]}")
+        cold.append(took)
+        took2, out2, rc2 = timed(playbook_cmd(lab), env)
+        if rc2 != 0:
+            raise RuntimeError(f"site.yml re-run failed:\n{out2[-3000:]}")
+        recap = parse_recap(out2)
+        n_changed = sum(r.get("changed", 0) for r in recap.values())
+        rerun.append(took2)
+        changed.append(n_changed)
+        say(f"run {i + 1}: cold site.yml {took:.1f} s; re-run {took2:.1f} s changed={n_changed}")
+    return {
+        "cold_site_yml_s": median(cold),
+        "rerun_site_yml_s": median(rerun),
+        "rerun_changed": changed,
+        "runs": {"cold": cold, "rerun": rerun},
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# throughput
+# ------------------------------------------------------------------------------------------
+def publish_fill(task_conf: dict[str, Any], url: str, n: int, transport_options: dict) -> None:
+    """Publish n no-op task messages into FILL_QUEUE, which no worker consumes.
+
+    The publishing app has no result backend, so the controller does not subscribe to each
+    result; the workers still store results exactly as their own settings say.
+    """
+    from celery import Celery
+
+    app = Celery("bench-fill", set_as_current=False)
+    app.conf.update(task_conf)
+    app.conf.broker_url = url
+    app.conf.broker_transport_options = transport_options
+    with app.producer_or_acquire() as producer:
+        for _i in range(n):
+            app.send_task(NOOP_TASK, queue=FILL_QUEUE, producer=producer)
+
+
+def ping_bare(url: str) -> bool:
+    from celery import Celery
+
+    app = Celery("bench-ping", broker=url, set_as_current=False)
+    try:
+        return bool(app.control.ping(timeout=1.0))
+    finally:
+        app.close()
+
+
+def drain_rate(client: redis.Redis, queue: str, n: int, timeout: float = 600) -> float:
+    """Atomically hand the pre-filled messages to the workers' queue; tasks/s until drained.
+
+    RENAME makes all n messages appear at once, so the figure is the workers' rate and not
+    the single controller-side publisher's.
+    """
+    assert client.llen(FILL_QUEUE) == n, f"expected {n} messages in {FILL_QUEUE}"
+    # Messages parked by earlier faults stay in unacked until visibility_timeout: count
+    # only what this run adds.
+    parked = client.hlen("unacked")
+    t0 = time.monotonic()
+    client.rename(FILL_QUEUE, queue)
+    deadline = t0 + timeout
+    while client.llen(queue) or client.hlen("unacked") > parked:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{queue} not drained in {timeout} s")
+        time.sleep(0.02)
+    return n / (time.monotonic() - t0)
+
+
+def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
+    c = Cluster(lab)
+    host = c.worker_hosts[1] if len(c.worker_hosts) > 1 else c.worker_hosts[0]
+    addr = c.addresses[host]
+    bare_url = f"redis://{addr}:{BARE_PORT}/0"
+    cluster_rates: list[float] = []
+    bare_rates: list[float] = []
+    lpush: list[float] = []
+    rpop: list[float] = []
+
+    # The classic single-server setup, thrown away at the end: plain Redis (no auth, no
+    # persistence) bound to the host's lab address, and a bare worker with default settings.
+    bare_app = (
+        "from celery import Celery\n"
+        f"app = Celery('bare', broker='redis://{addr}:{BARE_PORT}/0')\n"
+        f"@app.task(name='{NOOP_TASK}')\n"
+        "def noop():\n    return None\n"
+    )
+    # Transient systemd units: nothing inherits the ssh session's descriptors, and stopping
+    # them removes every process they started.
+    setup = (
+        "set -e; mkdir -p /tmp/bench-bare; "
+        f"printf %s {shlex.quote(bare_app)} > /tmp/bench-bare/bare_app.py; "
+        "systemd-run --quiet --unit=bench-redis /usr/bin/redis-server "
+        f"--port {BARE_PORT} --bind {addr} --protected-mode no --save '' --appendonly no; "
+        "systemd-run --quiet --unit=bench-worker --working-directory=/tmp/bench-bare "
+        "/opt/celery-ha/venv/bin/celery -A bare_app worker --loglevel=WARNING"
+    )
+    teardown = (
+        "systemctl stop bench-worker bench-redis 2>/dev/null; "
+        "systemctl reset-failed bench-worker bench-redis 2>/dev/null; rm -rf /tmp/bench-bare; true"
+    )
+    lab.ssh(host, teardown, check=False)
+    try:
+        lab.ssh(host, setup, timeout=60)
+        bare = redis.Redis(host=addr, port=BARE_PORT, socket_timeout=10)
+        wait_until(lambda: bare.ping(), 60, what="the throwaway Redis")
+        master = c.master_client(c.broker_db)
+        base_conf = {k: v for k, v in c.settings.items() if k.startswith("task_")}
+        for i in range(runs):
+            # Deployed cluster, production settings (the settings the workers run with).
+            master.delete(FILL_QUEUE)
+            publish_fill(
+                base_conf, c.settings["broker_url"], n, c.settings["broker_transport_options"]
+            )
+            rate = drain_rate(c.master_client(c.broker_db), c.default_queue, n)
+            cluster_rates.append(rate)
+            # Bare worker on plain Redis: default settings, default queue "celery".
+            bare.delete(FILL_QUEUE)
+            publish_fill({}, bare_url, n, {})
+            wait_until(lambda: ping_bare(bare_url), 90, interval=1, what="the bare worker")
+            brate = drain_rate(bare, "celery", n)
+            bare_rates.append(brate)
+            out = lab.ssh(
+                host,
+                f"redis-benchmark -h {addr} -p {BARE_PORT} -t lpush,rpop -n 100000 -q",
+                timeout=300,
+            )
+            for name, value in re.findall(
+                r"^(LPUSH|RPOP): ([0-9.]+) requests per second", out.replace("\r", "\n"), re.M
+            ):
+                (lpush if name == "LPUSH" else rpop).append(float(value))
+            say(
+                f"run {i + 1}: cluster {rate:.0f}/s, bare worker {brate:.0f}/s, "
+                f"redis-benchmark LPUSH {lpush[-1] if lpush else '?'}/s "
+                f"RPOP {rpop[-1] if rpop else '?'}/s"
+            )
+    finally:
+        lab.ssh(host, teardown, check=False)
+    cm, bm = median(cluster_rates), median(bare_rates)
+    ceiling = median([min(a, b) for a, b in zip(lpush, rpop, strict=False)])
+    return {
+        "host": host,
+        "tasks_per_run": n,
+        "cluster_tasks_per_s": cm,
+        "bare_worker_tasks_per_s": bm,
+        "redis_lpush_per_s": median(lpush),
+        "redis_rpop_per_s": median(rpop),
+        "cluster_vs_bare": round(cm / bm, 3) if cm and bm else None,
+        "bare_vs_broker_ceiling": round(bm / ceiling, 4) if bm and ceiling else None,
+        "cluster_vs_broker_ceiling": round(cm / ceiling, 4) if cm and ceiling else None,
+        "runs": {"cluster": cluster_rates, "bare": bare_rates, "lpush": lpush, "rpop": rpop},
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# failover
+# ------------------------------------------------------------------------------------------
+def watch_switch(c: Cluster, host: str, out: list[float], stop: threading.Event) -> None:
+    """Record when the Sentinel on host announces +switch-master (its own pubsub event)."""
+    kw = {k: v for k, v in c.sentinel_kwargs.items() if k in ("username", "password")}
+    client = redis.Redis(host=c.addresses[host], port=26379, socket_timeout=2, **kw)
+    pubsub = client.pubsub()
+    pubsub.subscribe("+switch-master")
+    try:
+        while not stop.is_set() and not out:
+            msg = pubsub.get_message(timeout=0.5)
+            if msg and msg["type"] == "message":
+                out.append(time.time())
+    finally:
+        pubsub.close()
+        client.close()
+
+
+def failover_once(lab: Lab) -> tuple[float, float, str]:
+    c = Cluster(lab)
+    workers = wait_until(c.ping_workers, 180, interval=3, what="workers")
+    master = c.master_host()
+    watcher = next(h for h in c.sentinel_hosts if h != master)
+    survivors = [h for h in c.worker_hosts if h != master]
+    switched_at: list[float] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=watch_switch, args=(c, watcher, switched_at, stop))
+    thread.start()
+    ledger = Ledger(new_run_id("bench-fo"))
+    try:
+        time.sleep(1)
+        with Producer(ledger, c.sender(ledger), rate=20, max_seconds=600):
+            time.sleep(3)
+            t_crash = time.time()
+            lab.run("crash", master)
+            wait_until(lambda: switched_at, 120, interval=0.2, what="+switch-master")
+
+            def first_done() -> float | None:
+                c.collect(ledger, survivors)
+                done = [e.ts for e in ledger.executions("D") if e.ts > switched_at[0]]
+                return min(done) if done else None
+
+            first = wait_until(first_done, 300, interval=0.5, what="a task on the new master")
+    finally:
+        stop.set()
+        thread.join(5)
+    lab.run("start", master, timeout=300)
+    wait_until(lambda: c.role_of(master) == "replica:connected", 180, what="rejoin as replica")
+    wait_until(lambda: set(workers) <= set(c.ping_workers()), 180, what="workers back")
+    c.wait_drained(ledger, timeout=120)
+    return switched_at[0] - t_crash, float(first) - t_crash, master  # type: ignore[arg-type]
+
+
+def bench_failover(lab: Lab, runs: int) -> dict[str, Any]:
+    switch: list[float] = []
+    first_task: list[float] = []
+    for i in range(runs):
+        sw, first, master = failover_once(lab)
+        switch.append(sw)
+        first_task.append(first)
+        say(
+            f"run {i + 1}: crash {master}: +switch-master {sw:.1f} s, first task on the "
+            f"new master {first:.1f} s"
+        )
+    return {
+        "switch_master_s": median(switch),
+        "first_task_on_new_master_s": median(first_task),
+        "runs": {"switch_master": switch, "first_task": first_task},
+    }
+
+
+# ------------------------------------------------------------------------------------------
+def table(results: dict[str, Any]) -> str:
+    rows: list[tuple[str, Any]] = []
+    b = results.get("bringup", {})
+    rows += [
+        ("lab up, cached base (s)", b.get("lab_up_cached_s")),
+        ("lab up, from nothing (s)", b.get("lab_up_from_nothing_s")),
+    ]
+    d = results.get("deploy", {})
+    rows += [
+        ("cold site.yml (s)", d.get("cold_site_yml_s")),
+        ("site.yml re-run (s)", d.get("rerun_site_yml_s")),
+        ("re-run changed (per run)", d.get("rerun_changed")),
+    ]
+    t = results.get("throughput", {})
+    rows += [
+        ("cluster no-op tasks/s (production settings)", t.get("cluster_tasks_per_s")),
+        ("bare worker tasks/s (defaults, plain Redis)", t.get("bare_worker_tasks_per_s")),
+        ("redis-benchmark LPUSH/s", t.get("redis_lpush_per_s")),
+        ("redis-benchmark RPOP/s", t.get("redis_rpop_per_s")),
+        ("ratio cluster / bare worker", t.get("cluster_vs_bare")),
+        ("ratio bare worker / broker ceiling", t.get("bare_vs_broker_ceiling")),
+        ("ratio cluster / broker ceiling", t.get("cluster_vs_broker_ceiling")),
+    ]
+    f = results.get("failover", {})
+    rows += [
+        ("master crash -> +switch-master (s)", f.get("switch_master_s")),
+        ("master crash -> first task on new master (s)", f.get("first_task_on_new_master_s")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'figure (median of ' + str(results['runs']) + ' runs)':<{width}}  value"]
+    lines += [f"{k:<{width}}  {'-' if v is None else v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median; >= 3)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument(
+        "--skip-from-nothing",
+        action="store_true",
+        help="do not remove the cached base to time a bring-up from nothing",
+    )
+    parser.add_argument("--tasks", type=int, default=3000, help="no-op tasks per throughput run")
+    parser.add_argument("--keep-lab", action="store_true", help="leave the lab up at the end")
+    args = parser.parse_args()
+    if args.runs < 3:
+        parser.error("--runs must be >= 3: the figures are medians")
+    lab = Lab()
+    results: dict[str, Any] = {
+        "when": time.strftime("%FT%T%z"),
+        "runs": args.runs,
+        "lab_dir": str(lab.lab_dir),
+        "host": os.uname().nodename,
+        "cpus": os.cpu_count(),
+    }
+    raised = False
+    try:
+        if "bringup" in args.only:
+            results["bringup"] = bench_bringup(lab, args.runs, not args.skip_from_nothing)
+            raised = True
+        if "deploy" in args.only:
+            results["deploy"] = bench_deploy(lab, args.runs)
+            raised = True
+        if not lab.exists():
+            raise SystemExit(f"no lab at {lab.lab_dir}: run with bringup/deploy or deploy one")
+        if "throughput" in args.only:
+            results["throughput"] = bench_throughput(lab, args.runs, args.tasks)
+        if "failover" in args.only:
+            results["failover"] = bench_failover(lab, args.runs)
+    finally:
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.write_text(json.dumps(results, indent=2))
+        shutil.copyfile(out, RESULTS / "latest.json")
+        print()
+        print(table(results))
+        print(f"\nwritten to {out}")
+        if raised and not args.keep_lab:
+            subprocess.run(lab_cmd(lab, "down"), env=lab.env, check=False, capture_output=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
