@@ -322,3 +322,24 @@ def test_queue_depth_follows_the_master_through_a_failover(
 def replica_is_back(sentinel: Sentinel, address: str) -> bool:
     """`address` is a healthy replica in Sentinel's view (discover_slaves drops s_down ones)."""
     return any(ip == address for ip, _ in sentinel.discover_slaves(MASTER_NAME))
+
+
+def test_flower_still_sees_every_worker_after_the_failover(
+    base_url: str, auth: tuple[str, str], lab: LabInventory
+) -> None:
+    """Runs after the failover above: Flower's own broker connection must have followed the
+    new master too, or the dashboard silently shows a stale cluster. A refresh makes Flower
+    inspect the workers through the broker and stamp each reply (flower/inspector.py), so a
+    stamp newer than now proves a live round trip through the current master."""
+    expected = lab.expected_nodes()
+    since = time.time()  # the lab shares the controller's clock
+
+    def fresh() -> dict | None:
+        resp = get(base_url + "/api/workers", params={"refresh": "true"}, auth=auth)
+        resp.raise_for_status()
+        info = resp.json()
+        stale = [w for w in expected if info.get(w, {}).get("timestamp", 0) <= since]
+        return None if stale else info
+
+    wait_for("fresh inspect replies from every worker through Flower", fresh)
+    test_metrics_have_worker_online_gauges(base_url, auth, lab)
