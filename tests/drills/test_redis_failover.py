@@ -345,14 +345,28 @@ def test_new_host_joins_as_replica_of_current_master(
         grown_rc = RedisCluster(lab)
         assert grown_rc.healthy() == master
         assert rc.is_replica_of(newcomer, master)
-        for host in grown_rc.sentinel_hosts:
+        n = len(grown_rc.sentinel_hosts)
+
+        def settings_of(host: str) -> dict[str, str]:
             client = grown_rc.sentinel(host)
-            settings = client.execute_command("SENTINEL", "MASTER", MASTER_NAME)
-            client.close()
-            if not isinstance(settings, dict):
-                settings = dict(zip(settings[::2], settings[1::2], strict=True))
-            assert int(settings["quorum"]) == len(grown_rc.sentinel_hosts) // 2 + 1, host
-            assert int(settings["num-other-sentinels"]) == len(grown_rc.sentinel_hosts) - 1
+            try:
+                flat = client.execute_command("SENTINEL", "MASTER", MASTER_NAME)
+            finally:
+                client.close()
+            if isinstance(flat, dict):
+                return flat
+            return dict(zip(flat[::2], flat[1::2], strict=True))
+
+        for host in grown_rc.sentinel_hosts:
+            assert int(settings_of(host)["quorum"]) == n // 2 + 1, host
+        # Sentinels find each other through hello messages every 2 s: wait for the full mesh.
+        wait_until(
+            lambda: all(
+                int(settings_of(h)["num-other-sentinels"]) == n - 1 for h in grown_rc.sentinel_hosts
+            ),
+            60,
+            f"all {n} Sentinels to know each other",
+        )
         assert_rerun_changes_nothing(grown_rc, down=set(), inventory_note=" (grown)")
     finally:
         lab.inventory = original
