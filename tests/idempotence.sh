@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs a playbook and fails unless every host reports changed=0: a converged cluster must
-# be left alone by a re-run (no config rewritten, no service restarted).
+# be left alone by a re-run (no config rewritten, no service restarted), and a --check --diff
+# run on it must announce no change either.
 set -euo pipefail
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

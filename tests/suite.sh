@@ -26,7 +26,7 @@ step() { printf '\n===== %s (%s)\n' "$1" "$(date +%T)"; }
 step "lab up";        $LAB up 4
 step "deploy";        ansible-playbook -i "$INVENTORY" ansible/site.yml
 step "idempotence";   tests/idempotence.sh -i "$INVENTORY" ansible/site.yml
-step "check mode";    ansible-playbook -i "$INVENTORY" ansible/site.yml --check --diff
+step "check mode";    tests/idempotence.sh -i "$INVENTORY" ansible/site.yml --check --diff
 step "testinfra";     pytest -q tests/infra --hosts=ansible://all --ansible-inventory="$INVENTORY"
 step "end to end";    pytest -q tests/e2e tests/browser
 step "fault drills";  pytest -q -s tests/drills
