@@ -178,12 +178,58 @@ def pids_of_worker(load: Load, worker: str) -> set[int]:
     return {e.pid for e in load.ledger.executions("D") if e.worker == worker}
 
 
+def restore_lab(c: Cluster) -> list[str]:
+    """Boot stopped cluster hosts and heal cut networks that an earlier failed test left.
+
+    Every drill needs the whole cluster to start from; a test that died halfway (its own
+    cleanup skipped) must not turn all the drills after it into failures of its own.
+    """
+    lab = c.lab
+    members = set(c.redis_hosts) | set(c.sentinel_hosts) | set(c.worker_hosts)
+    actions: list[str] = []
+    for line in lab.run("status", check=False).stdout.splitlines():
+        parts = line.split()
+        if len(parts) < 4 or parts[0] not in members:
+            continue
+        host, state, net = parts[0], parts[2], parts[3]
+        if net != "connected":
+            lab.run("heal", host)
+            actions.append(f"healed {host} ({net})")
+        if state != "running":
+            lab.run("start", host, timeout=300)
+            actions.append(f"started {host} ({state})")
+    return actions
+
+
+def expected_workers(c: Cluster) -> list[str]:
+    """<instance>@<host> for every worker env file the deployment wrote."""
+    names: list[str] = []
+    for host in c.worker_hosts:
+        out = wait_until(
+            lambda h=host: c.lab.ssh(h, "ls /etc/celery-ha/"), 120, what=f"ssh to {host}"
+        )
+        for entry in str(out).split():
+            if entry.startswith("worker-") and entry.endswith(".env"):
+                names.append(f"{entry[len('worker-') : -len('.env')]}@{host}")
+    return sorted(names)
+
+
 @pytest.fixture(scope="module")
 def workers(drill_cluster: Cluster) -> list[str]:
     """The worker nodes of the converged cluster; every drill ends with all of them back."""
-    names = wait_until(drill_cluster.ping_workers, 120, interval=3, what="workers answering ping")
+    actions = restore_lab(drill_cluster)
+    if actions:
+        say(f"lab left broken by an earlier test: {', '.join(actions)}")
+    names = expected_workers(drill_cluster)
+    assert names, "no worker env file (/etc/celery-ha/worker-*.env) on any worker host"
+    wait_until(
+        lambda: set(names) <= set(drill_cluster.ping_workers()),
+        240,
+        interval=3,
+        what=f"every worker answering ping: {names}",
+    )
     say(f"workers: {names}")
-    return list(names)  # type: ignore[arg-type]
+    return names
 
 
 # --------------------------------------------------------------------------------------
