@@ -25,8 +25,12 @@ $(BIN)/.installed: requirements-dev.txt
 
 venv: $(BIN)/.installed ## controller tools, pinned, in .venv/
 
-deps: venv ## Debian packages the lab and the browser test need
-	@tests/install-deps.sh
+# python3-venv: the celery role builds wheels with the hosts' Python (Debian's); chromium and
+# its driver: the Flower browser test. The lab installs its own packages (tests/lab/lab up).
+DEBIAN_DEPS := python3-venv chromium chromium-driver
+
+deps: venv ## Debian packages the tests need (the lab installs its own)
+	@tests/install-deps.sh $(DEBIAN_DEPS)
 
 lint: venv ## ansible-lint (production profile), yamllint, ruff
 	$(BIN)/yamllint -s .
