@@ -276,7 +276,7 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
 def watch_switch(c: Cluster, host: str, out: list[float], stop: threading.Event) -> None:
     """Record when the Sentinel on host announces +switch-master (its own pubsub event)."""
     kw = {k: v for k, v in c.sentinel_kwargs.items() if k in ("username", "password")}
-    client = redis.Redis(host=c.addresses[host], port=26379, socket_timeout=2, **kw)
+    client = redis.Redis(host=c.addresses[host], port=26379, socket_timeout=2, **kw, **c.tls)
     pubsub = client.pubsub()
     pubsub.subscribe("+switch-master")
     try:

@@ -11,6 +11,10 @@ and the JSON input of call/sentinel-sync come as one JSON object on stdin,
 When stdin is a terminal (an operator at a shell), the password is taken from REDISCLI_AUTH
 (as redis-cli does) and the input is not needed for `master`.
 
+With TLS (the cluster's redis_tls), give --tls-dir DIR before the sub-command: DIR holds
+ca.crt, cert.crt and cert.key as the redis_tls role installs them (e.g. /etc/redis/tls/server);
+the server's certificate must be issued by ca.crt and name the address connected to.
+
 Sub-commands:
   master --name NAME --sentinel ADDR:PORT [...] [--redis ADDR:PORT ...]
       Ask every Sentinel for the address of master NAME and print JSON:
@@ -38,11 +42,23 @@ import argparse
 import json
 import os
 import socket
+import ssl
 import sys
 from collections import Counter
 from typing import Any
 
 TIMEOUT = 2.0
+
+# Set by main() from --tls-dir: every connection then speaks TLS with this context.
+TLS_CONTEXT: ssl.SSLContext | None = None
+
+
+def tls_context(directory: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=os.path.join(directory, "ca.crt"))
+    context.load_cert_chain(
+        os.path.join(directory, "cert.crt"), os.path.join(directory, "cert.key")
+    )
+    return context
 
 
 class RedisError(Exception):
@@ -53,7 +69,14 @@ class Connection:
     """A minimal RESP2 client: enough for AUTH, SENTINEL, CONFIG, ACL and ROLE."""
 
     def __init__(self, host: str, port: int, timeout: float = TIMEOUT) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if TLS_CONTEXT is not None:
+            try:
+                sock = TLS_CONTEXT.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         self.file = self.sock.makefile("rb")
 
     def close(self) -> None:
@@ -242,6 +265,7 @@ def cmd_sentinel_sync(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--tls-dir", help="connect with TLS, using DIR/ca.crt, cert.crt, cert.key")
     sub = parser.add_subparsers(dest="command", required=True)
 
     master = sub.add_parser("master", help="ask the Sentinels who the master is")
@@ -269,7 +293,10 @@ def main() -> int:
     sync.set_defaults(func=cmd_sentinel_sync)
 
     args = parser.parse_args()
+    global TLS_CONTEXT
     try:
+        if args.tls_dir:
+            TLS_CONTEXT = tls_context(args.tls_dir)
         return args.func(args)
     except (OSError, RedisError, ValueError) as err:
         print(json.dumps({"error": str(err)}))

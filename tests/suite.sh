@@ -24,7 +24,14 @@ step() { printf '\n===== %s (%s)\n' "$1" "$(date +%T)"; }
 # A fourth host stays outside the cluster: the second app is deployed there, and it is
 # the outsider for reachability checks.
 step "lab up";        $LAB up 4
-step "deploy";        ansible-playbook -i "$INVENTORY" ansible/site.yml
+# The first run is the one that generates and ships every secret: run it at -vvv, keep the
+# output, and prove that none of the passwords or keys is in it.
+step "deploy (-vvv)"
+DEPLOY_LOG=${LAB_DIR:-$PWD/.lab}/deploy-vvv.log
+ansible-playbook -vvv -i "$INVENTORY" ansible/site.yml >"$DEPLOY_LOG" 2>&1 ||
+    { tail -n 200 "$DEPLOY_LOG"; echo "suite: deploy failed, whole output in $DEPLOY_LOG"; exit 1; }
+sed -n '/^PLAY RECAP/,$p' "$DEPLOY_LOG"
+step "secret search"; tests/secret_search.py "$DEPLOY_LOG" "${LAB_DIR:-$PWD/.lab}/secrets"
 step "idempotence";   tests/idempotence.sh -i "$INVENTORY" ansible/site.yml
 step "check mode";    tests/idempotence.sh -i "$INVENTORY" ansible/site.yml --check --diff
 step "testinfra";     pytest -q tests/infra --hosts=ansible://all --ansible-inventory="$INVENTORY"

@@ -23,10 +23,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "app" / "boot" / "src"))
+sys.path.insert(0, str(REPO / "tests"))
 
 import celery_ha_settings  # noqa: E402
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
+from labtls import tls_env, tls_kwargs  # noqa: E402
 from ledger import DEFAULT_LEDGER_DIR, RECORD_TASK, Ledger  # noqa: E402
 from redis.sentinel import Sentinel  # noqa: E402
 
@@ -169,7 +171,9 @@ class Cluster:
         self.worker_hosts = lab.group("celery_workers")
         self.redis_hosts = lab.group("redis")
         self.sentinel_hosts = lab.group("sentinel")
-        self.env = self._read_env()
+        # The hosts' certificate paths mean nothing here: the controller is the operator.
+        self.env = self._read_env() | tls_env(lab.lab_dir / "secrets")
+        self.tls = tls_kwargs(lab.lab_dir / "secrets")
         self.settings = celery_ha_settings.load(self.env)
         self.master_name: str = self.env["CELERY_HA_MASTER_NAME"]
         self.sentinels = celery_ha_settings.parse_sentinels(self.env["CELERY_HA_SENTINELS"])
@@ -218,6 +222,7 @@ class Cluster:
             password=self.password,
             socket_timeout=3,
             socket_connect_timeout=3,
+            **self.tls,
         )
 
     def sentinel_views(self, hosts: Iterable[str] | None = None) -> dict[str, str | None]:
@@ -231,6 +236,7 @@ class Cluster:
                 socket_timeout=2,
                 socket_connect_timeout=2,
                 **{k: v for k, v in self.sentinel_kwargs.items() if k in ("username", "password")},
+                **self.tls,
             )
             try:
                 addr = client.execute_command(
@@ -265,6 +271,7 @@ class Cluster:
             password=password,
             socket_timeout=3,
             socket_connect_timeout=3,
+            **self.tls,
         )
 
     def role_of(self, host: str) -> str | None:
@@ -306,10 +313,11 @@ class Cluster:
         (its workers) get from its Redis is exactly what matters.
         """
         code = (
-            "import os, redis\n"
+            "import json, os, redis\n"
             "c = redis.Redis(host='127.0.0.1', port=int(os.environ['P']), "
             "db=int(os.environ['D']), username=os.environ.get('U') or None, "
-            "password=os.environ.get('W') or None, socket_timeout=3, socket_connect_timeout=3)\n"
+            "password=os.environ.get('W') or None, socket_timeout=3, socket_connect_timeout=3, "
+            "**json.loads(os.environ['K']))\n"
             "try:\n"
             "    c.set('drills:write-probe', '1', ex=60); print('ok')\n"
             "except redis.RedisError as e:\n"
@@ -321,6 +329,7 @@ class Cluster:
             D=str(self.broker_db),
             U=self.username or "",
             W=self.password or "",
+            K=json.dumps(self.tls),
         )
         pid = self.host_init_pid(host)
         proc = subprocess.run(

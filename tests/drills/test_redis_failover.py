@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 from cluster import Lab
+from labtls import tls_kwargs
 
 MASTER_NAME = "celery"
 REDIS_PORT = 6379
@@ -60,6 +61,7 @@ class RedisCluster:
         self.admin_password = (secrets / "redis_admin_password").read_text().split()[0]
         self.celery_password = (secrets / "redis_celery_password").read_text().split()[0]
         self.sentinel_password = (secrets / "sentinel_password").read_text().split()[0]
+        self.tls = tls_kwargs(secrets)
 
     def host_of(self, address: str) -> str:
         return self.lab.host_of(address)
@@ -71,6 +73,7 @@ class RedisCluster:
             socket_timeout=2,
             socket_connect_timeout=2,
             decode_responses=True,
+            **self.tls,
             **kwargs,
         )
 

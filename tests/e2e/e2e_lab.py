@@ -14,9 +14,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "app" / "boot" / "src"))
 sys.path.insert(0, str(REPO / "app" / "src"))
+sys.path.insert(0, str(REPO / "tests"))
 
 import celery_ha_settings  # noqa: E402
 import yaml  # noqa: E402
+from labtls import tls_env, tls_kwargs  # noqa: E402
 
 LAB_DIR = Path(os.environ.get("LAB_DIR") or REPO / ".lab")
 SENTINEL_PORT = 26379
@@ -62,6 +64,10 @@ class LabInventory:
     def secret(self, name: str) -> str:
         return (self.lab_dir / "secrets" / name).read_text().strip()
 
+    def tls_kwargs(self) -> dict:
+        """TLS arguments for a direct redis-py client ({} without TLS)."""
+        return tls_kwargs(self.lab_dir / "secrets")
+
 
 def client_env(inv: LabInventory, **overrides: str) -> dict[str, str]:
     """The CELERY_HA_* settings a client needs, from the inventory and the secrets dir."""
@@ -75,6 +81,7 @@ def client_env(inv: LabInventory, **overrides: str) -> dict[str, str]:
         "CELERY_HA_SENTINEL_PASSWORD": inv.secret("sentinel_password"),
         "CELERY_HA_BROKER_DB": "0",
         "CELERY_HA_RESULT_DB": "1",
+        **tls_env(inv.lab_dir / "secrets"),
     }
     env.update(overrides)
     return env

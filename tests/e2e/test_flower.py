@@ -188,6 +188,7 @@ def sentinel(lab: LabInventory) -> Sentinel:
             "password": lab.secret("sentinel_password"),
             "socket_timeout": 2,
             "socket_connect_timeout": 2,
+            **lab.tls_kwargs(),
         },
     )
 
@@ -201,6 +202,7 @@ def master_client(lab: LabInventory, address: tuple[str, int]) -> redis.Redis:
         password=lab.secret("redis_celery_password"),
         socket_timeout=3,
         socket_connect_timeout=3,
+        **lab.tls_kwargs(),
     )
 
 

@@ -65,6 +65,19 @@ def secrets_dir(lab_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tls(secrets_dir: Path) -> dict:
+    """redis-py TLS arguments with the operator certificate ({} when the lab has no TLS)."""
+    import sys
+
+    for src in ("app/boot/src", "tests"):
+        if str(REPO / src) not in sys.path:
+            sys.path.insert(0, str(REPO / src))
+    from labtls import tls_kwargs
+
+    return tls_kwargs(secrets_dir)
+
+
+@pytest.fixture(scope="session")
 def secret(secrets_dir: Path):
     """secret('redis_celery_password') -> the generated value (fails if missing)."""
 

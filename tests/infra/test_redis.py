@@ -29,7 +29,9 @@ def redis_host(host, lab_groups: dict[str, list[str]]) -> str:
     return name
 
 
-def connect(address: str, user: str | None, password: str | None, db: int = 0) -> redis.Redis:
+def connect(
+    address: str, user: str | None, password: str | None, tls: dict, db: int = 0
+) -> redis.Redis:
     return redis.Redis(
         host=address,
         port=REDIS_PORT,
@@ -38,11 +40,12 @@ def connect(address: str, user: str | None, password: str | None, db: int = 0) -
         password=password,
         socket_timeout=3,
         socket_connect_timeout=3,
+        **tls,
     )
 
 
 @pytest.fixture(scope="module")
-def clients(lab_groups, lab_addresses, secret) -> Iterator[dict[str, dict[str, redis.Redis]]]:
+def clients(lab_groups, lab_addresses, secret, tls) -> Iterator[dict[str, dict[str, redis.Redis]]]:
     """For each Redis host: a client per ACL user (admin, celery, replication, sentinel)."""
     users = {
         "admin": secret("redis_admin_password"),
@@ -51,7 +54,7 @@ def clients(lab_groups, lab_addresses, secret) -> Iterator[dict[str, dict[str, r
         "sentinel": secret("redis_sentinel_password"),
     }
     out = {
-        host: {user: connect(lab_addresses[host], user, pw) for user, pw in users.items()}
+        host: {user: connect(lab_addresses[host], user, pw, tls) for user, pw in users.items()}
         for host in lab_groups["redis"]
     }
     yield out
@@ -134,8 +137,10 @@ def test_kernel_settings_persisted(host, redis_host: str) -> None:
 # -- access control --------------------------------------------------------------------
 
 
-def test_unauthenticated_commands_refused(redis_host: str, lab_addresses: dict[str, str]) -> None:
-    client = connect(lab_addresses[redis_host], None, None)
+def test_unauthenticated_commands_refused(
+    redis_host: str, lab_addresses: dict[str, str], tls: dict
+) -> None:
+    client = connect(lab_addresses[redis_host], None, None, tls)
     try:
         with pytest.raises(redis.AuthenticationError):
             client.ping()
@@ -146,14 +151,14 @@ def test_unauthenticated_commands_refused(redis_host: str, lab_addresses: dict[s
 
 
 def test_default_user_and_wrong_password_refused(
-    redis_host: str, lab_addresses: dict[str, str], secret
+    redis_host: str, lab_addresses: dict[str, str], secret, tls: dict
 ) -> None:
     for user, password in (
         ("default", secret("redis_admin_password")),
         ("admin", "not-the-password"),
         ("celery", secret("redis_admin_password")),
     ):
-        client = connect(lab_addresses[redis_host], user, password)
+        client = connect(lab_addresses[redis_host], user, password, tls)
         try:
             with pytest.raises(redis.AuthenticationError):
                 client.ping()
@@ -162,14 +167,16 @@ def test_default_user_and_wrong_password_refused(
 
 
 def test_celery_user_can_do_broker_work(
-    redis_host: str, clients, lab_addresses: dict[str, str], secret
+    redis_host: str, clients, lab_addresses: dict[str, str], secret, tls: dict
 ) -> None:
     celery = clients[redis_host]["celery"]
     assert celery.ping()
     role = info_replication(clients[redis_host]["admin"])["role"]
     if role == "master":
         for db in (0, 1):
-            c = connect(lab_addresses[redis_host], "celery", secret("redis_celery_password"), db)
+            c = connect(
+                lab_addresses[redis_host], "celery", secret("redis_celery_password"), tls, db
+            )
             try:
                 c.lpush("infra:test:list", "x")
                 assert c.rpop("infra:test:list") == b"x"

@@ -19,7 +19,7 @@ def sentinel_host(host, lab_groups: dict[str, list[str]]) -> str:
     return name
 
 
-def connect(address: str, password: str | None) -> redis.Redis:
+def connect(address: str, password: str | None, tls: dict) -> redis.Redis:
     return redis.Redis(
         host=address,
         port=SENTINEL_PORT,
@@ -27,13 +27,14 @@ def connect(address: str, password: str | None) -> redis.Redis:
         socket_timeout=3,
         socket_connect_timeout=3,
         decode_responses=True,
+        **tls,
     )
 
 
 @pytest.fixture(scope="module")
-def sentinels(lab_groups, lab_addresses, secret) -> Iterator[dict[str, redis.Redis]]:
+def sentinels(lab_groups, lab_addresses, secret, tls) -> Iterator[dict[str, redis.Redis]]:
     password = secret("sentinel_password")
-    out = {host: connect(lab_addresses[host], password) for host in lab_groups["sentinel"]}
+    out = {host: connect(lab_addresses[host], password, tls) for host in lab_groups["sentinel"]}
     yield out
     for client in out.values():
         client.close()
@@ -90,10 +91,10 @@ def test_config_is_private_and_sentinel_owned(host, sentinel_host: str) -> None:
 
 
 def test_unauthenticated_and_wrong_password_refused(
-    sentinel_host: str, lab_addresses: dict[str, str]
+    sentinel_host: str, lab_addresses: dict[str, str], tls: dict
 ) -> None:
     for password in (None, "not-the-password"):
-        client = connect(lab_addresses[sentinel_host], password)
+        client = connect(lab_addresses[sentinel_host], password, tls)
         try:
             with pytest.raises((redis.AuthenticationError, redis.ResponseError)):
                 client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)
@@ -144,7 +145,7 @@ def test_per_master_settings(sentinels, lab_groups) -> None:
 
 
 @pytest.fixture(scope="module")
-def clients_admin(lab_addresses, secret):
+def clients_admin(lab_addresses, secret, tls):
     opened: list[redis.Redis] = []
 
     def make(host: str) -> redis.Redis:
@@ -155,6 +156,7 @@ def clients_admin(lab_addresses, secret):
             password=secret("redis_admin_password"),
             socket_timeout=3,
             socket_connect_timeout=3,
+            **tls,
         )
         opened.append(client)
         return client

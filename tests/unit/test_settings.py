@@ -223,3 +223,60 @@ def test_bad_worker_options_name_the_variable(key: str, value: str, fragment: st
         worker_options({**WORKER, key: value})
     assert excinfo.value.variable == key
     assert fragment in str(excinfo.value)
+
+
+TLS = {"TLS_CA": "/etc/celery-ha/tls/ca.crt", "TLS_CERT": "/c/cert.crt", "TLS_KEY": "/c/cert.key"}
+
+
+def test_tls_covers_the_sentinel_links_and_the_master_link_apart() -> None:
+    import ssl
+
+    settings = load(env(**TLS))
+    for key in ("broker_transport_options", "result_backend_transport_options"):
+        sentinel = settings[key]["sentinel_kwargs"]
+        # redis-py's Sentinel() only speaks TLS to the Sentinels with ssl=True in these.
+        assert sentinel["ssl"] is True
+        assert sentinel["ssl_ca_certs"] == TLS["TLS_CA"]
+        assert (sentinel["ssl_certfile"], sentinel["ssl_keyfile"]) == ("/c/cert.crt", "/c/cert.key")
+        assert sentinel["ssl_cert_reqs"] == "required"
+        assert sentinel["ssl_check_hostname"] is True
+        assert sentinel["password"] == "sentinel-secret"
+    for key in ("broker_use_ssl", "redis_backend_use_ssl"):
+        master = settings[key]
+        assert master["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+        assert master["ssl_ca_certs"] == TLS["TLS_CA"]
+        assert (master["ssl_certfile"], master["ssl_keyfile"]) == ("/c/cert.crt", "/c/cert.key")
+        assert master["ssl_check_hostname"] is True
+
+
+def test_without_tls_nothing_asks_for_it() -> None:
+    settings = load(GOOD)
+    assert "broker_use_ssl" not in settings
+    assert "redis_backend_use_ssl" not in settings
+    assert "ssl" not in settings["broker_transport_options"]["sentinel_kwargs"]
+
+
+def test_tls_backend_is_accepted_by_celery() -> None:
+    # Celery's own check of redis_backend_use_ssl (ssl_cert_reqs must be a known constant).
+    from celery import Celery
+
+    app = Celery(set_as_current=False)
+    app.conf.update(load(env(**TLS)))
+    backend = app.backend
+    assert backend.connparams["ssl_ca_certs"] == TLS["TLS_CA"]
+    assert backend.connparams["connection_class"].__name__ == "SentinelManagedSSLConnection"
+
+
+@pytest.mark.parametrize(
+    ("changes", "variable"),
+    [
+        ({"TLS_CERT": "/c/cert.crt", "TLS_KEY": "/c/cert.key"}, "CELERY_HA_TLS_CERT"),
+        ({"TLS_KEY": "/c/cert.key"}, "CELERY_HA_TLS_KEY"),
+        ({"TLS_CA": "/ca.crt", "TLS_CERT": "/c/cert.crt"}, "CELERY_HA_TLS_KEY"),
+        ({"TLS_CA": "/ca.crt", "TLS_KEY": "/c/cert.key"}, "CELERY_HA_TLS_CERT"),
+    ],
+)
+def test_incomplete_tls_settings_name_the_variable(changes: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load(env(**changes))
+    assert err.value.variable == variable

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -134,6 +135,37 @@ def sentinel_url(
     return ";".join(f"sentinel://{creds}{host}:{port}/{db}" for host, port in sentinels)
 
 
+def redis_tls_kwargs(ca: str, cert: str | None, key: str | None) -> dict[str, Any]:
+    """redis-py connection arguments for TLS: the server's certificate must come from ``ca`` and
+    name the address connected to (Sentinel hands out addresses, so the certificates carry
+    IP names); ``cert``/``key`` are this client's own certificate, which the servers demand."""
+    return {
+        "ssl": True,
+        "ssl_ca_certs": ca,
+        "ssl_certfile": cert,
+        "ssl_keyfile": key,
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+    }
+
+
+def _tls(env: _Env) -> dict[str, Any] | None:
+    ca = env.string("TLS_CA")
+    cert = env.string("TLS_CERT")
+    key = env.string("TLS_KEY")
+    if ca is None:
+        for name, value in (("TLS_CERT", cert), ("TLS_KEY", key)):
+            if value is not None:
+                raise SettingsError(PREFIX + name, "is set, but CELERY_HA_TLS_CA is not")
+        return None
+    if (cert is None) != (key is None):
+        missing = "TLS_KEY" if key is None else "TLS_CERT"
+        raise SettingsError(
+            PREFIX + missing, "is required when the other of TLS_CERT/TLS_KEY is set"
+        )
+    return redis_tls_kwargs(ca, cert, key)
+
+
 def _compression(value: str | None) -> str | None:
     if value is None or value.lower() == "none":
         return None
@@ -239,6 +271,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "interval_max": env.number("PUBLISH_RETRY_INTERVAL_MAX", 2.0),
     }
     log_level(environ)  # validated here too so a bad value fails the same way everywhere
+    tls = _tls(env)
 
     # Sentinel connections get their own auth and timeouts: redis-py uses sentinel_kwargs,
     # not the Redis credentials, for them, and without a connect timeout an unreachable
@@ -251,6 +284,8 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         sentinel_kwargs["password"] = sentinel_password
         if sentinel_username:
             sentinel_kwargs["username"] = sentinel_username
+    if tls:
+        sentinel_kwargs.update(tls)
 
     settings: dict[str, Any] = {
         "broker_url": sentinel_url(sentinels, broker_db, redis_username, redis_password),
@@ -294,6 +329,14 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
     }
+    if tls:
+        # The link to the master is configured apart from the Sentinel links above (kombu and
+        # celery take these as the master's connection arguments, with their Sentinel-managed
+        # TLS connection class); Celery wants ssl_cert_reqs as the ssl module's constant.
+        master_tls = {k: v for k, v in tls.items() if k != "ssl"}
+        master_tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        settings["broker_use_ssl"] = dict(master_tls)
+        settings["redis_backend_use_ssl"] = dict(master_tls)
     if task_time_limit is not None:
         settings["task_time_limit"] = task_time_limit
     if compression is not None:

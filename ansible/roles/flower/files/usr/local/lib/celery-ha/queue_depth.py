@@ -24,6 +24,8 @@ Configuration comes from the environment, or from a KEY=value file given as --en
   QUEUE_DEPTH_PRIORITY_STEPS     kombu priority steps (default "0,3,6,9")
   QUEUE_DEPTH_KEY_PREFIX         kombu global_keyprefix (default empty)
   QUEUE_DEPTH_TIMEOUT            socket timeout in seconds (default 1.0)
+  QUEUE_DEPTH_TLS_CA             CA file: speak TLS to the Sentinels and Redis (default: plaintext)
+  QUEUE_DEPTH_TLS_CERT / _KEY    this client's certificate and key (with TLS_CA)
   QUEUE_DEPTH_ADDRESS / _PORT    where to serve /metrics (default 127.0.0.1:9808)
 """
 
@@ -75,6 +77,22 @@ class Config:
     timeout: float = 1.0
     address: str = "127.0.0.1"
     port: int = 9808
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """redis-py TLS arguments, the same for the Sentinel and the master links."""
+        if not self.tls_ca:
+            return {}
+        return {
+            "ssl": True,
+            "ssl_ca_certs": self.tls_ca,
+            "ssl_certfile": self.tls_cert,
+            "ssl_keyfile": self.tls_key,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+        }
 
 
 def _bool(value: str) -> bool:
@@ -120,6 +138,9 @@ def config_from_env(env: Mapping[str, str]) -> Config:
         timeout=float(get("TIMEOUT", "1.0")),
         address=get("ADDRESS", "127.0.0.1"),
         port=int(get("PORT", "9808")),
+        tls_ca=get("TLS_CA") or None,
+        tls_cert=get("TLS_CERT") or None,
+        tls_key=get("TLS_KEY") or None,
     )
 
 
@@ -223,6 +244,7 @@ class Collector:
                     "password": self.cfg.sentinel_password,
                     "socket_timeout": self.cfg.timeout,
                     "socket_connect_timeout": self.cfg.timeout,
+                    **self.cfg.tls_kwargs(),
                 },
             )
         # discover_master asks the Sentinels in turn and accepts only an answer naming a
@@ -241,6 +263,7 @@ class Collector:
             password=self.cfg.redis_password,
             socket_timeout=self.cfg.timeout,
             socket_connect_timeout=self.cfg.timeout,
+            **self.cfg.tls_kwargs(),
         )
 
     def collect(self) -> str:
