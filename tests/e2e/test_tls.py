@@ -85,7 +85,7 @@ def test_plaintext_client_is_refused(lab: LabInventory, tls: dict) -> None:
     for address, port, creds in endpoints(lab):
         # The TLS port drops what is not a TLS handshake (a refused connection would mean
         # nothing listens, which is not what this test is about).
-        with pytest.raises(redis.ConnectionError, match="(?i)reset by peer|closed"):
+        with pytest.raises(redis.ConnectionError, match=r"(?i)reset by peer|closed"):
             ping(address, port, **creds)
 
 

@@ -169,3 +169,22 @@ def preflight(tmp_path: Path, secrets_dir: Path):
         return proc.returncode, proc.stdout + proc.stderr
 
     return run
+
+
+@pytest.fixture(scope="session")
+def assert_private_key_dir():
+    """assert_private_key_dir(host, dir, owner, group): the layout the redis_tls role installs,
+    folder root:GROUP 0750, certificates 0644, and the key OWNER 0600 (nobody else reads it)."""
+
+    def check(host, directory: str, owner: str, group: str) -> None:
+        folder = host.file(directory)
+        assert folder.is_directory
+        assert (folder.user, folder.group, folder.mode) == ("root", group, 0o750)
+        for name in ("ca.crt", "cert.crt"):
+            assert host.file(f"{directory}/{name}").mode == 0o644, name
+        key = host.file(f"{directory}/cert.key")
+        assert (key.user, key.group, key.mode) == (owner, group, 0o600)
+        # Nobody else on the host can read it, whatever the folder allows.
+        assert host.run(f"runuser -u nobody -- cat {directory}/cert.key").rc != 0
+
+    return check

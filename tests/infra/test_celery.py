@@ -202,3 +202,12 @@ def test_every_worker_answers_ping(celery_host) -> None:
     )
     for worker in workers:
         assert f"{worker['name']}@{nodename}: OK" in out, out
+
+
+def test_tls_client_certificate_is_the_celery_users_alone(
+    celery_host, assert_private_key_dir
+) -> None:
+    assert_private_key_dir(celery_host, f"{CONFIG_DIR}/tls", "celery", "celery")
+    content = celery_host.file(ENV_FILE).content_string
+    for key, name in (("CA", "ca.crt"), ("CERT", "cert.crt"), ("KEY", "cert.key")):
+        assert re.search(rf"^CELERY_HA_TLS_{key}={CONFIG_DIR}/tls/{name}$", content, re.M), key

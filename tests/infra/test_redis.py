@@ -387,3 +387,21 @@ def test_preflight_refuses_empty_groups(preflight, inventory_ini: str, named: st
     rc, out = preflight(inventory_ini, {"cluster": "all"})
     assert rc != 0, out[-3000:]
     assert named in out
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+def test_tls_key_readable_only_by_redis(host, redis_host: str, assert_private_key_dir) -> None:
+    assert_private_key_dir(host, "/etc/redis/tls/server", "redis", "redis")
+
+
+def test_only_tls_listens(redis_host: str, clients) -> None:
+    # Plaintext closed, TLS on the cluster's port, client certificates required, and the
+    # replication link to the master over TLS as well.
+    admin = clients[redis_host]["admin"]
+    config = admin.config_get("*port*") | admin.config_get("tls-*")
+    assert config["port"] == "0"
+    assert config["tls-port"] == str(REDIS_PORT)
+    assert config["tls-auth-clients"] == "yes"
+    assert config["tls-replication"] == "yes"

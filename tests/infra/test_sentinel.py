@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -186,3 +187,14 @@ def test_preflight_refuses_a_quorum_that_is_not_a_majority(preflight, quorum: st
     assert rc != 0, out[-3000:]
     assert "sentinel_quorum" in out
     assert "majority" in out
+
+
+def test_tls_only_and_key_readable_only_by_redis(
+    host, sentinel_host: str, assert_private_key_dir
+) -> None:
+    assert_private_key_dir(host, "/etc/redis/tls/sentinel", "redis", "redis")
+    content = host.file("/etc/redis/sentinel.conf").content_string
+    assert re.search(r"^port 0$", content, re.M)
+    assert re.search(rf"^tls-port {SENTINEL_PORT}$", content, re.M)
+    assert re.search(r"^tls-auth-clients yes$", content, re.M)
+    assert re.search(r"^tls-replication yes$", content, re.M)
