@@ -117,6 +117,31 @@ def test_config_from_env() -> None:
         "celery",
         None,
     )
+    # No TLS variables: plaintext, nothing TLS-related passed to redis-py.
+    assert c.tls_kwargs() == {}
+
+
+def test_tls_applies_to_the_sentinel_and_the_master_links() -> None:
+    c = qd.config_from_env(
+        {
+            "QUEUE_DEPTH_SENTINELS": "10.0.0.1:26379",
+            "QUEUE_DEPTH_MASTER_NAME": "celery",
+            "QUEUE_DEPTH_TLS_CA": "/etc/celery-ha/tls/ca.crt",
+            "QUEUE_DEPTH_TLS_CERT": "/etc/celery-ha/tls/cert.crt",
+            "QUEUE_DEPTH_TLS_KEY": "/etc/celery-ha/tls/cert.key",
+        }
+    )
+    kwargs = c.tls_kwargs()
+    assert kwargs["ssl"] is True
+    assert kwargs["ssl_cert_reqs"] == "required"
+    assert kwargs["ssl_check_hostname"] is True
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_certfile"], kwargs["ssl_keyfile"]) == (
+        "/etc/celery-ha/tls/ca.crt",
+        "/etc/celery-ha/tls/cert.crt",
+        "/etc/celery-ha/tls/cert.key",
+    )
+    client = qd.Collector(c)._redis_client("10.0.0.1", 6379)
+    assert client.connection_pool.connection_class.__name__ == "SSLConnection"
 
 
 @pytest.mark.parametrize(
