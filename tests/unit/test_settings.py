@@ -44,8 +44,27 @@ def test_broker_and_backend_list_every_sentinel_with_quoted_credentials() -> Non
         for url, host in zip(urls, ("10.0.0.11", "10.0.0.12", "10.0.0.13"), strict=True):
             parts = url_to_parts(url)
             assert (parts.scheme, parts.hostname, parts.port) == ("sentinel", host, 26379)
-            assert (parts.username, parts.password) == ("celery", "p@ss:w/rd%;x")
+            if key == "broker_url" or host == "10.0.0.11":
+                assert (parts.username, parts.password) == ("celery", "p@ss:w/rd%;x")
+            else:  # the backend reads them from its first URL only
+                assert (parts.username, parts.password) == (None, None)
             assert parts.path == db
+
+
+def test_shown_settings_hold_no_secret() -> None:
+    # What `celery inspect conf` and Flower's Config tab show of a worker's settings.
+    from celery import Celery
+
+    app = Celery(set_as_current=False)
+    app.conf.update(load(env(SENTINEL_USERNAME="sentinel-user")))
+    shown = json.dumps(app.conf.table(with_defaults=False, censored=True), default=str)
+    assert "p@ss" not in shown
+    assert "sentinel-secret" not in shown
+    backend = app.backend
+    assert (backend.connparams["username"], backend.connparams["password"]) == (
+        "celery",
+        "p@ss:w/rd%;x",
+    )
 
 
 def test_sentinel_options_for_broker_and_backend() -> None:

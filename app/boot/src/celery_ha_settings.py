@@ -126,13 +126,26 @@ def _credentials(username: str | None, password: str | None) -> str:
 
 
 def sentinel_url(
-    sentinels: list[tuple[str, int]], db: int, username: str | None, password: str | None
+    sentinels: list[tuple[str, int]],
+    db: int,
+    username: str | None,
+    password: str | None,
+    *,
+    credentials_in_every_url: bool = True,
 ) -> str:
     """One ``sentinel://`` URL per sentinel joined by ``;``: kombu and celery's
     SentinelBackend both try every listed sentinel, so losing any one of them (or any
-    minority) does not stop discovery of the master."""
+    minority) does not stop discovery of the master.
+
+    kombu re-reads the credentials from the next URL when it moves on to it, so the broker's
+    URLs all carry them. Celery's SentinelBackend reads them from the first URL only, and
+    Celery hides the password of the first URL alone when it shows its settings (`inspect
+    conf`, Flower's Config tab): the result backend's URL carries them only there."""
     creds = _credentials(username, password)
-    return ";".join(f"sentinel://{creds}{host}:{port}/{db}" for host, port in sentinels)
+    return ";".join(
+        f"sentinel://{creds if credentials_in_every_url or i == 0 else ''}{host}:{port}/{db}"
+        for i, (host, port) in enumerate(sentinels)
+    )
 
 
 def redis_tls_kwargs(ca: str, cert: str | None, key: str | None) -> dict[str, Any]:
@@ -298,7 +311,9 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             "socket_keepalive": True,
             "retry_on_timeout": True,
         },
-        "result_backend": sentinel_url(sentinels, result_db, redis_username, redis_password),
+        "result_backend": sentinel_url(
+            sentinels, result_db, redis_username, redis_password, credentials_in_every_url=False
+        ),
         "result_backend_transport_options": {
             "master_name": master_name,
             "sentinel_kwargs": dict(sentinel_kwargs),
