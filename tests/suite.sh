@@ -23,7 +23,7 @@ step() { printf '\n===== %s (%s)\n' "$1" "$(date +%T)"; }
 
 # A fourth host stays outside the cluster: the second app is deployed there, and it is
 # the outsider for reachability checks.
-step "lab up";        $LAB up 4
+step "lab up";        $LAB up 5
 step "deploy";        ansible-playbook -i "$INVENTORY" ansible/site.yml
 step "idempotence";   tests/idempotence.sh -i "$INVENTORY" ansible/site.yml
 step "check mode";    tests/idempotence.sh -i "$INVENTORY" ansible/site.yml --check --diff
