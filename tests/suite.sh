@@ -21,9 +21,9 @@ trap teardown EXIT
 
 step() { printf '\n===== %s (%s)\n' "$1" "$(date +%T)"; }
 
-# A fourth host stays outside the cluster: the second app is deployed there, and it is
-# the outsider for reachability checks.
-step "lab up";        $LAB up 4
+# Two hosts outside the cluster: node4 (in the inventory, no cluster group) gets the second
+# app; node5 is in no inventory at all, the stranger the firewall must keep out.
+step "lab up";        $LAB up 5
 # The first run is the one that generates and ships every secret: run it at -vvv, keep the
 # output, and prove that none of the passwords or keys is in it.
 step "deploy (-vvv)"

@@ -302,7 +302,9 @@ class Cluster:
 
     def host_init_pid(self, host: str) -> int:
         """PID 1 of a lab host, seen from the controller (same cgroup path as tests/lab/lab)."""
-        tag = "cha" + self.addresses[host].split(".")[2]
+        _, octet2, octet3, _ = self.addresses[host].split(".")
+        # The same tag as tests/lab/lab derives (10.88.x keeps its older, shorter form).
+        tag = os.environ.get("LAB_TAG") or ("cha" + (octet3 if octet2 == "88" else octet2 + octet3))
         procs = Path(f"/sys/fs/cgroup/systemd/{tag}-lab/{host}/payload/init.scope/cgroup.procs")
         return int(procs.read_text().split()[0])
 
