@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-for src in ("app/boot/src", "app/src", "tests/apps/inventory_app/src"):
+# Also the controller-side scripts tested here: the CA tool and the secret search.
+for src in (
+    "app/boot/src",
+    "app/src",
+    "tests/apps/inventory_app/src",
+    "ansible/roles/redis_tls/files",
+    "tests",
+):
     path = str(REPO / src)
     if path not in sys.path:
         sys.path.insert(0, path)

@@ -4,21 +4,13 @@ be renewed, never replaces a CA, and keeps keys private."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import ssl
 import stat
 from pathlib import Path
 
+import celery_ha_ca as ca_tool
 import pytest
 from cryptography import x509
-
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "celery_ha_ca", REPO / "ansible/roles/redis_tls/files/celery_ha_ca.py"
-)
-assert _spec and _spec.loader
-ca_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ca_tool)
 
 
 def run(*argv: str) -> dict:

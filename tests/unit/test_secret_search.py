@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("secret_search", REPO / "tests/secret_search.py")
-assert _spec and _spec.loader
-secret_search = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(secret_search)
+import secret_search
 
 KEY = """-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgq0Xc1pD3mN0rU4yz

@@ -136,6 +136,14 @@ def cmd_ca(args: argparse.Namespace) -> dict:
     return {"changed": True, "reason": "created", "not_after": cert.not_valid_after_utc.isoformat()}
 
 
+def extension_values(cert: x509.Certificate, kind: type) -> set:
+    """The entries of a list-like extension (names, usages); empty when it is absent."""
+    try:
+        return set(cert.extensions.get_extension_for_class(kind).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
 def cert_problem(
     args: argparse.Namespace, ca: x509.Certificate, sans: set, usages: set
 ) -> str | None:
@@ -154,17 +162,9 @@ def cert_problem(
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         return "not signed by this CA"
-    try:
-        have_sans = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
-    except x509.ExtensionNotFound:
-        have_sans = set()
-    if sans != have_sans:
+    if sans != extension_values(cert, x509.SubjectAlternativeName):
         return "names changed"
-    try:
-        have_usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        have_usages = set()
-    if usages != have_usages:
+    if usages != extension_values(cert, x509.ExtendedKeyUsage):
         return "usage changed"
     if cert.not_valid_after_utc - now() < dt.timedelta(days=args.renew_days):
         return f"expires {cert.not_valid_after_utc:%Y-%m-%d}, within {args.renew_days} days"
