@@ -299,3 +299,23 @@ def test_incomplete_tls_settings_name_the_variable(changes: dict[str, str], vari
     with pytest.raises(SettingsError) as err:
         load(env(**changes))
     assert err.value.variable == variable
+
+
+def test_broker_connections_notice_a_silent_peer() -> None:
+    import socket
+
+    options = load(GOOD)["broker_transport_options"]
+    assert options["socket_keepalive"] is True
+    keepalive = options["socket_keepalive_options"]
+    # About 30 s by default: idle 15 s, then 3 probes 5 s apart; unacked data fails at 30 s.
+    assert keepalive[socket.TCP_KEEPIDLE] + 3 * keepalive[socket.TCP_KEEPINTVL] <= 30
+    assert keepalive[socket.TCP_USER_TIMEOUT] == 30000
+    assert (
+        load(env(DEAD_PEER_TIMEOUT="60"))["broker_transport_options"]["socket_keepalive_options"][
+            socket.TCP_USER_TIMEOUT
+        ]
+        == 60000
+    )
+    with pytest.raises(SettingsError) as err:
+        load(env(DEAD_PEER_TIMEOUT="2"))
+    assert err.value.variable == "CELERY_HA_DEAD_PEER_TIMEOUT"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -148,6 +149,23 @@ def sentinel_url(
     )
 
 
+def keepalive_options(dead_after: float) -> dict[int, int]:
+    """TCP options that let the kernel declare a silent peer dead after about ``dead_after``
+    seconds. A worker waits for the broker in its event loop, where socket_timeout does not
+    apply: across a partition its connection would otherwise look alive for hours (Linux's
+    keepalive starts after 2 h) and the worker would consume nothing until restarted.
+    Options this platform lacks are left out."""
+    interval = max(1, int(dead_after) // 6)
+    wanted = {
+        "TCP_KEEPIDLE": interval * 3,
+        "TCP_KEEPINTVL": interval,
+        "TCP_KEEPCNT": 3,
+        # Data sent and never acknowledged (a command into a cut link) fails after this, in ms.
+        "TCP_USER_TIMEOUT": int(dead_after * 1000),
+    }
+    return {getattr(socket, k): v for k, v in wanted.items() if hasattr(socket, k)}
+
+
 def redis_tls_kwargs(ca: str, cert: str | None, key: str | None) -> dict[str, Any]:
     """redis-py connection arguments for TLS: the server's certificate must come from ``ca`` and
     name the address connected to (Sentinel hands out addresses, so the certificates carry
@@ -269,6 +287,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         )
 
     socket_timeout = env.number("SOCKET_TIMEOUT", 5.0, minimum=0.1)
+    dead_peer_timeout = env.number("DEAD_PEER_TIMEOUT", 30.0, minimum=6.0)
     result_expires = env.integer("RESULT_EXPIRES", 86400, minimum=1)
     compression = _compression(env.string("COMPRESSION"))
     default_queue = env.string("DEFAULT_QUEUE")
@@ -309,6 +328,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_timeout,
             "socket_keepalive": True,
+            "socket_keepalive_options": keepalive_options(dead_peer_timeout),
             "retry_on_timeout": True,
         },
         "result_backend": sentinel_url(
