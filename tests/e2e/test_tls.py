@@ -162,3 +162,18 @@ def test_rotation_by_rerun_keeps_the_master_and_the_work_going(
     # Redis reloaded in place and Sentinels restarted one at a time: no failover.
     assert master_address(lab, tls) == master
     assert add.delay(20, 22).get(timeout=60) == 42
+
+
+def test_switching_tls_off_on_a_running_cluster_is_refused_before_any_change(
+    lab: LabInventory,
+) -> None:
+    proc = run(
+        [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(lab.path), "ansible/site.yml",
+         "-e", "redis_tls=false"],
+        timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "already run with TLS" in out
+    # The preflight stopped the run: no play past it started.
+    assert "PLAY [Redis servers]" not in out

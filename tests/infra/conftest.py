@@ -130,7 +130,7 @@ PREFLIGHT_TASK = """\
 def preflight(tmp_path: Path, secrets_dir: Path):
     """preflight(inventory_ini, roles={'cluster': 'all', ...}, **extra_vars) -> (rc, output).
 
-    Runs only the roles' validate entry points against hosts that are never contacted
+    Runs only the roles' validate entry points against made-up hosts played by the controller
     (ansible_connection=local, no facts), reusing the lab's secrets so nothing new is generated.
     """
 
@@ -147,7 +147,12 @@ def preflight(tmp_path: Path, secrets_dir: Path):
         playbook = tmp_path / "preflight.yml"
         playbook.write_text(PREFLIGHT_PLAY.format(tasks=tasks))
         inventory_file = tmp_path / "inventory.ini"
-        inventory_file.write_text(inventory_ini + "\n[all:vars]\nansible_connection=local\n")
+        # Read-only probes of the validate entry points (is a cluster running here?) run on
+        # the controller then: with Ansible's own Python, not whatever `python3` is on PATH.
+        inventory_file.write_text(
+            inventory_ini + "\n[all:vars]\nansible_connection=local\n"
+            "ansible_python_interpreter={{ ansible_playbook_python }}\n"
+        )
         args = ["-e", f"cluster_secrets_dir={secrets_dir}"]
         for key, value in extra.items():
             args += ["-e", f"{key}={value}"]

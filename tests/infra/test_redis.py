@@ -335,7 +335,7 @@ def test_exactly_one_master_and_every_replica_connected(clients, lab_addresses) 
 # -- preflight: bad input is refused, naming the variable -------------------------------
 
 THREE = "[redis]\nn1\nn2\nn3\n[sentinel]\nn1\nn2\nn3\n"
-ROLES = {"cluster": "all", "redis": "redis", "sentinel": "sentinel"}
+ROLES = {"cluster": "all", "redis_tls": "all", "redis": "redis", "sentinel": "sentinel"}
 
 
 def test_preflight_accepts_the_defaults(preflight) -> None:
@@ -405,3 +405,19 @@ def test_only_tls_listens(redis_host: str, clients) -> None:
     assert config["tls-port"] == str(REDIS_PORT)
     assert config["tls-auth-clients"] == "yes"
     assert config["tls-replication"] == "yes"
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"redis_tls_ca_cert": "/nonexistent/ca.crt"}, "redis_tls_ca_cert"),
+        ({"redis_tls_ca_key": "/nonexistent/ca.key"}, "redis_tls_ca_key"),
+        ({"redis_tls_renew_days": "400"}, "redis_tls_renew_days"),
+        ({"redis_tls_cert_days": "5000"}, "redis_tls_ca_days"),
+        ({"redis_tls_protocols": "SSLv3"}, "redis_tls_protocols"),
+    ],
+)
+def test_preflight_refuses_bad_tls_input(preflight, extra: dict[str, str], named: str) -> None:
+    rc, out = preflight(THREE, ROLES, **extra)
+    assert rc != 0, out[-3000:]
+    assert named in out
