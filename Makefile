@@ -54,7 +54,7 @@ idempotence: venv ## site.yml again: must report changed=0
 	tests/idempotence.sh -i $(INVENTORY) ansible/site.yml
 
 infra: venv ## testinfra on every lab host
-	$(BIN)/pytest -q tests/infra --hosts=ansible://all --ansible-inventory=$(INVENTORY)
+	$(BIN)/pytest -q -n 4 tests/infra --hosts=ansible://all --ansible-inventory=$(INVENTORY)
 
 e2e: venv ## end-to-end tasks through the Sentinels, Flower, the browser
 	$(BIN)/pytest -q tests/e2e tests/browser

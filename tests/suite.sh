@@ -34,6 +34,6 @@ sed -n '/^PLAY RECAP/,$p' "$DEPLOY_LOG"
 step "secret search"; tests/secret_search.py "$DEPLOY_LOG" "${LAB_DIR:-$PWD/.lab}/secrets"
 step "idempotence";   tests/idempotence.sh -i "$INVENTORY" ansible/site.yml
 step "check mode";    tests/idempotence.sh -i "$INVENTORY" ansible/site.yml --check --diff
-step "testinfra";     pytest -q tests/infra --hosts=ansible://all --ansible-inventory="$INVENTORY"
-step "end to end";    pytest -q tests/e2e tests/browser
+step "testinfra";     pytest -q -n 4 tests/infra --hosts=ansible://all --ansible-inventory="$INVENTORY"
+step "end to end";    pytest -q --durations=8 tests/e2e tests/browser
 step "fault drills";  pytest -q -s tests/drills

@@ -149,9 +149,11 @@ def test_rotation_by_rerun_keeps_the_master_and_the_work_going(
     before = {(a, p): served_serial(a, p, secrets) for a, p, _ in endpoints(lab)}
     master = master_address(lab, tls)
 
+    # Every play but Celery's: the servers are what must reload without losing the master; a
+    # client's new certificate is only a file its next connection reads (kept short for CI).
     proc = run(
         [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(lab.path), "ansible/site.yml",
-         "-e", "redis_tls_rotate=true"],
+         "-e", "redis_tls_rotate=true", "--skip-tags", "celery"],
         timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
