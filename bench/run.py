@@ -138,18 +138,17 @@ def bench_deploy(lab: Lab, runs: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # throughput
 # ------------------------------------------------------------------------------------------
-def publish_fill(task_conf: dict[str, Any], url: str, n: int, transport_options: dict) -> None:
+def publish_fill(conf: dict[str, Any], n: int) -> None:
     """Publish n no-op task messages into FILL_QUEUE, which no worker consumes.
 
-    The publishing app has no result backend, so the controller does not subscribe to each
+    conf: the task_* and broker_* settings (URL, transport options, TLS) to publish with. The
+    publishing app has no result backend, so the controller does not subscribe to each
     result; the workers still store results exactly as their own settings say.
     """
     from celery import Celery
 
     app = Celery("bench-fill", set_as_current=False)
-    app.conf.update(task_conf)
-    app.conf.broker_url = url
-    app.conf.broker_transport_options = transport_options
+    app.conf.update(conf)
     with app.producer_or_acquire() as producer:
         for _i in range(n):
             app.send_task(NOOP_TASK, queue=FILL_QUEUE, producer=producer)
@@ -223,18 +222,16 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
         bare = redis.Redis(host=addr, port=BARE_PORT, socket_timeout=10)
         wait_until(lambda: bare.ping(), 60, what="the throwaway Redis")
         master = c.master_client(c.broker_db)
-        base_conf = {k: v for k, v in c.settings.items() if k.startswith("task_")}
+        cluster_conf = {k: v for k, v in c.settings.items() if k.startswith(("task_", "broker_"))}
         for i in range(runs):
             # Deployed cluster, production settings (the settings the workers run with).
             master.delete(FILL_QUEUE)
-            publish_fill(
-                base_conf, c.settings["broker_url"], n, c.settings["broker_transport_options"]
-            )
+            publish_fill(cluster_conf, n)
             rate = drain_rate(c.master_client(c.broker_db), c.default_queue, n)
             cluster_rates.append(rate)
             # Bare worker on plain Redis: default settings, default queue "celery".
             bare.delete(FILL_QUEUE)
-            publish_fill({}, bare_url, n, {})
+            publish_fill({"broker_url": bare_url}, n)
             wait_until(lambda: ping_bare(bare_url), 90, interval=1, what="the bare worker")
             brate = drain_rate(bare, "celery", n)
             bare_rates.append(brate)
