@@ -85,14 +85,11 @@ class Config:
         """redis-py TLS arguments, the same for the Sentinel and the master links."""
         if not self.tls_ca:
             return {}
-        return {
-            "ssl": True,
-            "ssl_ca_certs": self.tls_ca,
-            "ssl_certfile": self.tls_cert,
-            "ssl_keyfile": self.tls_key,
-            "ssl_cert_reqs": "required",
-            "ssl_check_hostname": True,
-        }
+        # The exporter runs in the app's venv, next to celery_ha_boot: the workers' own
+        # definition of a TLS client, so both check the servers alike.
+        from celery_ha_settings import redis_tls_kwargs
+
+        return redis_tls_kwargs(self.tls_ca, self.tls_cert, self.tls_key)
 
 
 def _bool(value: str) -> bool:
