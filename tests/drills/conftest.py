@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from cluster import REPO, Cluster, Lab
+from drillkit import expected_workers, restore_lab, say
+from ledger import wait_until
 
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -49,3 +51,25 @@ def drill_figures() -> Iterator[list[dict[str, Any]]]:
     out = Path(os.environ.get("DRILLS_RESULTS", ARTIFACTS / "drills.json"))
     out.write_text(json.dumps({"when": time.strftime("%FT%T%z"), "drills": figures}, indent=2))
     print(f"  (written to {out})")
+
+
+@pytest.fixture(scope="module")
+def workers(drill_cluster: Cluster) -> list[str]:
+    """The worker nodes of the converged cluster; every drill ends with all of them back."""
+    actions = restore_lab(drill_cluster)
+    if actions:
+        say(f"lab left broken by an earlier test: {', '.join(actions)}")
+    names = expected_workers(drill_cluster)
+    assert names, "no worker env file (/etc/celery-ha/worker-*.env) on any worker host"
+    wait_until(
+        lambda: set(names) <= set(drill_cluster.ping_workers()),
+        240,
+        interval=3,
+        what=f"every worker answering ping: {names}",
+    )
+    say(f"workers: {names}")
+    return names
+
+
+# --------------------------------------------------------------------------------------
+# 1. A worker process SIGKILLed mid-task

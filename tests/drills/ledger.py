@@ -129,8 +129,9 @@ class Ledger:
         self.publish_failures: list[tuple[str, float, str]] = []
         self._by_host: dict[str, list[Execution]] = {}
 
-    def ledger_id(self, seq: int) -> str:
-        return f"{self.run_id}-{seq:07d}"
+    def ledger_id(self, seq: int, tag: str = "") -> str:
+        """``tag`` tells producers of one run apart (``r``: the one on a worker host)."""
+        return f"{self.run_id}-{tag}{seq:07d}"
 
     def mark_published(self, ledger_id: str, ts: float | None = None) -> None:
         with self._lock:
@@ -207,9 +208,11 @@ class Producer:
         send: Callable[[str], None],
         rate: float = 20.0,
         max_seconds: float = 900.0,
+        tag: str = "",
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0")
+        self.tag = tag
         self.ledger = ledger
         self.send = send
         self.interval = 1.0 / rate
@@ -240,7 +243,7 @@ class Producer:
         return self._thread.is_alive()
 
     def publish_one(self) -> str:
-        ledger_id = self.ledger.ledger_id(self._seq)
+        ledger_id = self.ledger.ledger_id(self._seq, self.tag)
         self._seq += 1
         try:
             self.send(ledger_id)

@@ -29,7 +29,7 @@ from labtls import tls_kwargs
 MASTER_NAME = "celery"
 REDIS_PORT = 6379
 SENTINEL_PORT = 26379
-MIN_REPLICAS_MAX_LAG = 10
+MIN_REPLICAS_MAX_LAG = 3
 
 T = TypeVar("T")
 

@@ -74,8 +74,9 @@ def test_sentinel_options_for_broker_and_backend() -> None:
         assert options["master_name"] == "celery"
         assert options["sentinel_kwargs"]["password"] == "sentinel-secret"
         assert options["sentinel_kwargs"]["username"] == "sentinel-user"
-        # An unreachable sentinel must not stall discovery.
-        assert options["sentinel_kwargs"]["socket_connect_timeout"] == 5.0
+        # An unreachable sentinel must not stall discovery: half a second at most, on a LAN.
+        assert options["sentinel_kwargs"]["socket_connect_timeout"] == 0.5
+        assert options["sentinel_kwargs"]["socket_timeout"] == 0.5
 
 
 def test_reliable_delivery_and_events() -> None:
@@ -87,8 +88,15 @@ def test_reliable_delivery_and_events() -> None:
     assert settings["broker_connection_retry_on_startup"] is True
     assert settings["broker_connection_max_retries"] is None
     assert settings["task_publish_retry"] is True
+    # Tries that each wait for a master, at most half a second apart.
     assert settings["task_publish_retry_policy"]["max_retries"] == 20
+    assert settings["task_publish_retry_policy"]["interval_max"] == 0.5
     assert settings["result_backend_always_retry"] is True
+    assert settings["result_backend_max_retries"] == 120
+    assert settings["result_backend_max_sleep_between_retries_ms"] == 500
+    # A publish returns only once a replica has the message as well.
+    assert settings["broker_transport_options"]["publish_wait_replicas"] == 1
+    assert settings["broker_transport_options"]["publish_wait_timeout"] == 1000
     assert settings["worker_send_task_events"] is True
     assert settings["task_send_sent_event"] is True
     assert settings["result_expires"] == 86400
@@ -307,9 +315,9 @@ def test_broker_connections_notice_a_silent_peer() -> None:
     options = load(GOOD)["broker_transport_options"]
     assert options["socket_keepalive"] is True
     keepalive = options["socket_keepalive_options"]
-    # About 30 s by default: idle 15 s, then 3 probes 5 s apart; unacked data fails at 30 s.
-    assert keepalive[socket.TCP_KEEPIDLE] + 3 * keepalive[socket.TCP_KEEPINTVL] <= 30
-    assert keepalive[socket.TCP_USER_TIMEOUT] == 30000
+    # About 10 s by default: idle 3 s, then 3 probes 1 s apart; unacked data fails at 10 s.
+    assert keepalive[socket.TCP_KEEPIDLE] + 3 * keepalive[socket.TCP_KEEPINTVL] <= 10
+    assert keepalive[socket.TCP_USER_TIMEOUT] == 10000
     assert (
         load(env(DEAD_PEER_TIMEOUT="60"))["broker_transport_options"]["socket_keepalive_options"][
             socket.TCP_USER_TIMEOUT

@@ -104,6 +104,7 @@ def command(
             "celery_ha_boot",
             "worker",
             f"--hostname={instance}@{host}",
+            "--without-mingle",
             f"--queues={env['CELERY_HA_WORKER_QUEUES']}",
             f"--concurrency={env['CELERY_HA_WORKER_CONCURRENCY']}",
             f"--pool={env['CELERY_HA_WORKER_POOL']}",

@@ -245,6 +245,10 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
         environ = os.environ
     env = _Env(environ)
+    # sentinel:// in these settings means the failover-aware classes, in this process.
+    import celery_ha_failover
+
+    celery_ha_failover.install()
 
     app_name = env.required("APP")
     if not _APP_RE.match(app_name):
@@ -286,8 +290,16 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             f"must be above CELERY_HA_TASK_TIME_LIMIT ({visibility_timeout} <= {task_time_limit})",
         )
 
+    # Timeouts for a LAN (README, "Failover"): a connect takes well under a millisecond there,
+    # so CONNECT_TIMEOUT bounds what a dead host costs each attempt, not what a live one needs.
+    connect_timeout = env.number("CONNECT_TIMEOUT", 0.5, minimum=0.05)
+    sentinel_timeout = env.number("SENTINEL_TIMEOUT", 0.5, minimum=0.05)
     socket_timeout = env.number("SOCKET_TIMEOUT", 5.0, minimum=0.1)
-    dead_peer_timeout = env.number("DEAD_PEER_TIMEOUT", 30.0, minimum=6.0)
+    dead_peer_timeout = env.number("DEAD_PEER_TIMEOUT", 10.0, minimum=6.0)
+    # While no Sentinel names a master that is up, one connection attempt waits this long for
+    # one (woken at once by +switch-master) before it counts as failed: a worker or producer
+    # then resumes the moment the new master is announced, not at its next retry.
+    master_wait = env.number("MASTER_WAIT", 10.0)
     result_expires = env.integer("RESULT_EXPIRES", 86400, minimum=1)
     compression = _compression(env.string("COMPRESSION"))
     default_queue = env.string("DEFAULT_QUEUE")
@@ -296,12 +308,21 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
     task_routes = parse_task_routes(env.string("TASK_ROUTES"))
 
+    # Each try waits up to MASTER_WAIT for a master, so 20 outlast any election; short pauses
+    # between tries keep a client from sleeping through the moment a new master is usable.
     publish_retry_policy = {
         "max_retries": env.integer("PUBLISH_RETRY_MAX_RETRIES", 20, minimum=0),
         "interval_start": env.number("PUBLISH_RETRY_INTERVAL_START", 0.0),
-        "interval_step": env.number("PUBLISH_RETRY_INTERVAL_STEP", 0.5),
-        "interval_max": env.number("PUBLISH_RETRY_INTERVAL_MAX", 2.0),
+        "interval_step": env.number("PUBLISH_RETRY_INTERVAL_STEP", 0.2),
+        "interval_max": env.number("PUBLISH_RETRY_INTERVAL_MAX", 0.5),
     }
+    # A publish waits until this many replicas have the message (0 = off); see
+    # celery_ha_failover.SentinelChannel._put.
+    publish_wait_replicas = env.integer("PUBLISH_WAIT_REPLICAS", 1, maximum=15)
+    publish_wait_timeout = env.integer("PUBLISH_WAIT_TIMEOUT", 1000, minimum=1)
+    # A result write refused by an isolated old master (NOREPLICAS) fails at once and is tried
+    # again: enough tries, 0.5 s apart at most, to outlast a partition of a minute or more.
+    result_retry_max_retries = env.integer("RESULT_RETRY_MAX_RETRIES", 120, minimum=0)
     log_level(environ)  # validated here too so a bad value fails the same way everywhere
     tls = _tls(env)
 
@@ -309,8 +330,8 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     # not the Redis credentials, for them, and without a connect timeout an unreachable
     # sentinel (a cut network, not a refused port) would stall master discovery.
     sentinel_kwargs: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_timeout,
+        "socket_timeout": sentinel_timeout,
+        "socket_connect_timeout": connect_timeout,
     }
     if sentinel_password:
         sentinel_kwargs["password"] = sentinel_password
@@ -326,10 +347,13 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             "sentinel_kwargs": dict(sentinel_kwargs),
             "visibility_timeout": visibility_timeout,
             "socket_timeout": socket_timeout,
-            "socket_connect_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
             "socket_keepalive": True,
             "socket_keepalive_options": keepalive_options(dead_peer_timeout),
             "retry_on_timeout": True,
+            "publish_wait_replicas": publish_wait_replicas,
+            "publish_wait_timeout": publish_wait_timeout,
+            "master_wait": master_wait,
         },
         "result_backend": sentinel_url(
             sentinels, result_db, redis_username, redis_password, credentials_in_every_url=False
@@ -337,15 +361,19 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "result_backend_transport_options": {
             "master_name": master_name,
             "sentinel_kwargs": dict(sentinel_kwargs),
+            "master_wait": master_wait,
         },
         "redis_socket_timeout": socket_timeout,
-        "redis_socket_connect_timeout": socket_timeout,
+        "redis_socket_connect_timeout": connect_timeout,
         "redis_socket_keepalive": True,
         "redis_retry_on_timeout": True,
-        # A failover takes ~6 s (LAB-NOTES): writing a result must wait it out, not fail the
-        # task that produced it.
+        # Writing a result must wait out a failover (and a partition's NOREPLICAS refusals),
+        # not fail the task that produced it.
         "result_backend_always_retry": True,
-        "result_backend_max_retries": 30,
+        "result_backend_max_retries": result_retry_max_retries,
+        "result_backend_max_sleep_between_retries_ms": int(
+            publish_retry_policy["interval_max"] * 1000
+        ),
         "result_expires": result_expires,
         # Reliable delivery: ack after the task ran, requeue if its worker process dies, and
         # reserve one message at a time so a dying worker strands nothing else.

@@ -1,0 +1,527 @@
+"""Sentinel clients that follow a failover within about a second.
+
+Stock redis-py, kombu and celery (the pinned 6.4.0 / 5.6.2 / 5.6.3) follow a failover only when
+a socket to the dead master fails by itself, and then ask the Sentinels one by one:
+
+- A consumer waiting in BRPOP on a crashed master notices only when TCP gives up (keepalive or
+  TCP_USER_TIMEOUT, tens of seconds): the event loop has no read timeout.
+- ``Sentinel.discover_master`` asks the Sentinels in list order, and kombu and celery build a
+  new ``Sentinel`` (list order reset) for every pool, so each reconnect first waits out the
+  connect timeout of a dead first Sentinel. The state of a fresh deployment (the initial
+  master's host is also the first Sentinel of every client) is the worst case: 70 s measured.
+- The first Sentinel to answer wins, even a Sentinel that has just restarted and still names
+  the master of an older epoch.
+- ``MasterNotFoundError`` carries the repr of each Sentinel client, whose connection pool
+  repr holds the Sentinel password in clear: it reaches every log that prints it.
+
+Here, per process:
+
+- :class:`FastSentinel` asks every Sentinel at once, takes the answer of the highest
+  config-epoch from the first majority to reply, and raises errors that name no secret.
+- :class:`FailoverWatcher` subscribes to ``+switch-master`` on every Sentinel; when one
+  announces a new master, every socket of this process to any other address is shut down, so
+  the blocked BRPOP, publish or result write fails at once and its retry finds the new master.
+- :class:`SentinelTransport` (kombu) and :class:`SentinelBackend` (celery) use both, and
+  treat the replies of a demoted or isolated master (READONLY, NOREPLICAS, MASTERDOWN, LOADING)
+  as a reason to reconnect and retry, not as a failed publish or a FAILURE result.
+- Publishes may wait for a replica's acknowledgement (``WAIT``): a task that an isolated old
+  master accepted and then threw away when it rejoined is then retried, not lost.
+
+:func:`install` registers the transport and backend under the ``sentinel`` scheme, so
+``sentinel://`` URLs (and Flower, which reads them) stay as they are. Upstream: the secret in
+the error is visible in redis/redis-py#2782; long client stalls after a Sentinel election are
+the subject of redis/redis#11642; kombu's Sentinel channel builds a stock ``Sentinel`` with no
+way to pass another class, hence the copy of its pool factory below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import types
+import weakref
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, ClassVar
+
+import redis
+from celery.app import backends
+from celery.backends.redis import SentinelBackend as StockSentinelBackend
+from kombu import transport
+from kombu.transport import redis as kombu_redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+
+log = logging.getLogger("celery_ha.failover")
+
+SWITCH_CHANNEL = "+switch-master"
+# Replies of a server that is no longer (or cannot act as) the master: retry elsewhere.
+NOT_MASTER_REPLIES = ("READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING")
+
+
+class NotMasterError(redis.exceptions.ConnectionError):
+    """The server answered as a master that cannot take writes (demoted, isolated, loading),
+    or no replica acknowledged a publish in time: reconnect through the Sentinels and retry.
+    A ConnectionError so that kombu, celery and redis-py retry it as they retry a lost link."""
+
+
+def not_master(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
+        NOT_MASTER_REPLIES
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Connections of this process, so that a watcher can cut the ones to a former master.
+# ---------------------------------------------------------------------------------------
+_connections: weakref.WeakSet[redis.connection.AbstractConnection] = weakref.WeakSet()
+_connections_lock = threading.Lock()
+
+
+class _NotMasterAware:
+    """Turns the replies of a master that cannot take writes into NotMasterError as they are
+    read, before redis-py wraps them (a pipeline's error text starts with "Command # 1"), so
+    every caller, pipelines and kombu's queue declarations included, reconnects and retries."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.exceptions.ResponseError as exc:
+            if not_master(exc):
+                self.disconnect()  # type: ignore[attr-defined]
+                raise NotMasterError(str(exc)) from exc
+            raise
+
+
+_aware_classes: dict[type, type] = {}
+
+
+def _not_master_aware(connection_class: type) -> type:
+    if issubclass(connection_class, _NotMasterAware):
+        return connection_class
+    aware = _aware_classes.get(connection_class)
+    if aware is None:
+        aware = _aware_classes[connection_class] = type(
+            connection_class.__name__, (_NotMasterAware, connection_class), {}
+        )
+    return aware
+
+
+class TrackedConnectionPool(SentinelConnectionPool):
+    """A Sentinel master pool whose connections the watcher can find, whose connection
+    attempts wait for a usable master instead of failing while an election runs, and whose
+    connections report a master that cannot take writes as a lost connection."""
+
+    def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)
+        # kombu and celery pick the class (TLS or not, their own subclasses): wrap theirs.
+        self.connection_class = _not_master_aware(self.connection_class)
+
+    def make_connection(self) -> Any:
+        connection = super().make_connection()
+        # A forked child inherits the parent's objects, and shutdown() on an inherited socket
+        # would cut the parent's link too: only the creating process may sever a connection.
+        connection._celery_ha_pid = os.getpid()
+        with _connections_lock:
+            _connections.add(connection)
+        return connection
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        # Until Sentinel has elected a new master, the old one is either still named (and
+        # dead: connect fails) or named as down (MasterNotFoundError). kombu and celery would
+        # count each such failure and back off for 2, 4, 6... s, sleeping through the switch;
+        # one attempt that waits for it (woken by +switch-master) resumes at once instead.
+        manager = self.sentinel_manager
+        watcher = FailoverWatcher.ensure(manager, self.service_name)
+        return wait_for_master(
+            lambda: super(TrackedConnectionPool, self).get_connection(*args, **kwargs),
+            watcher,
+            getattr(manager, "master_wait", 0.0),
+            getattr(manager, "poll_interval", 1.0),
+        )
+
+
+def wait_for_master(
+    attempt: Callable[[], Any], watcher: FailoverWatcher, wait: float, poll: float
+) -> Any:
+    """``attempt()`` until it stops failing for want of a master, for up to ``wait`` s."""
+    give_up = time.monotonic() + wait
+    while True:
+        generation = watcher.generation
+        try:
+            return attempt()
+        except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError):
+            raise  # a wrong password does not get better with time
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise
+        watcher.wait_for_switch(generation, min(left, poll))
+
+
+def sever_connections(keep: tuple[str, int] | None) -> int:
+    """Shut down every master socket of this process that is not connected to ``keep``.
+
+    shutdown(), unlike close(), wakes a thread blocked on the socket and makes the event loop
+    see it readable, whoever owns it; the owner then gets a ConnectionError and reconnects.
+    SSLSocket.shutdown would also drop the TLS object under the owner's feet: the plain
+    socket's shutdown leaves TLS to fail cleanly on the next read.
+    """
+    pid = os.getpid()
+    with _connections_lock:
+        candidates = list(_connections)
+    cut = 0
+    for connection in candidates:
+        sock = getattr(connection, "_sock", None)
+        if sock is None or getattr(connection, "_celery_ha_pid", None) != pid:
+            continue
+        if keep is not None and (connection.host, int(connection.port)) == keep:
+            continue
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            cut += 1
+        except OSError:
+            pass  # already closed by its owner
+    return cut
+
+
+# ---------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------
+def _address(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host')}:{kwargs.get('port')}"
+
+
+def choose_master(
+    answers: Iterable[dict[str, Any]], service_name: str, min_other_sentinels: int = 0
+) -> tuple[str, int] | None:
+    """The master to use from several Sentinels' SENTINEL MASTERS replies.
+
+    The highest config-epoch wins: a Sentinel that has just restarted, or sits on the wrong
+    side of a partition, may still name the master of an older epoch. An address that most
+    of the answering Sentinels see as down is not used even if one Sentinel still trusts it.
+    """
+    states = [a[service_name] for a in answers if service_name in a]
+    if not states:
+        return None
+    down: dict[tuple[str, int], int] = {}
+    for state in states:
+        if state["is_sdown"] or state["is_odown"]:
+            key = (state["ip"], int(state["port"]))
+            down[key] = down.get(key, 0) + 1
+    best: tuple[int, tuple[str, int]] | None = None
+    for state in states:
+        key = (state["ip"], int(state["port"]))
+        if (
+            not state["is_master"]
+            or state["is_sdown"]
+            or state["is_odown"]
+            or state["num-other-sentinels"] < min_other_sentinels
+            or down.get(key, 0) * 2 > len(states)
+        ):
+            continue
+        epoch = int(state.get("config-epoch", 0))
+        if best is None or epoch > best[0]:
+            best = (epoch, key)
+    return None if best is None else best[1]
+
+
+class FastSentinel(Sentinel):
+    """A redis-py Sentinel that asks all Sentinels at once and leaks no secret in errors.
+
+    ``master_wait``: how long a connection attempt of its pools waits for a usable master.
+    """
+
+    # Between two tries while no usable master is known (s); a +switch-master heard by the
+    # watcher ends the pause at once.
+    poll_interval = 0.5
+
+    def __init__(
+        self,
+        sentinels: list[tuple[str, int]],
+        min_other_sentinels: int = 0,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        master_wait: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        # redis-py retries a Sentinel query 3 times with a backoff of up to 10 s: a dead
+        # Sentinel would hold its asker for seconds. One try; the other Sentinels are the retry.
+        sentinel_kwargs = {"retry": Retry(NoBackoff(), 0), **(sentinel_kwargs or {})}
+        super().__init__(sentinels, min_other_sentinels, sentinel_kwargs, **kwargs)
+        self._sentinel_addresses = [(str(h), int(p)) for h, p in sentinels]
+        self.master_wait = master_wait
+        own = self.sentinel_kwargs
+        self._ask_timeout = (own.get("socket_connect_timeout") or 5.0) + (
+            own.get("socket_timeout") or 5.0
+        )
+
+    def _ask_all(self, service_name: str) -> tuple[tuple[str, int] | None, list[str], int]:
+        """One round: every Sentinel at once. Returns (master, errors, answers)."""
+        replies: queue.SimpleQueue = queue.SimpleQueue()
+
+        def ask(client: redis.Redis) -> None:
+            try:
+                replies.put((client, client.sentinel_masters()))
+            except redis.exceptions.RedisError as exc:
+                replies.put((client, exc))
+
+        for client in self.sentinels:
+            threading.Thread(target=ask, args=(client,), daemon=True).start()
+        majority = len(self.sentinels) // 2 + 1
+        answers: list[dict[str, Any]] = []
+        errors: list[str] = []
+        master = None
+        deadline = time.monotonic() + self._ask_timeout
+        # A majority that names a master is enough (a dead Sentinel is not waited for);
+        # otherwise the stragglers may still know better (one that heard the switch first).
+        while len(answers) + len(errors) < len(self.sentinels):
+            try:
+                client, reply = replies.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                errors.append("no answer from the others in time")
+                break
+            if isinstance(reply, Exception):
+                # Not repr(client): its connection pool's repr holds the password.
+                errors.append(f"{_address(client)}: {type(reply).__name__}: {reply}")
+                continue
+            answers.append(reply)
+            if len(answers) >= majority:
+                master = choose_master(answers, service_name, self.min_other_sentinels)
+                if master is not None:
+                    return master, errors, len(answers)
+        return choose_master(answers, service_name, self.min_other_sentinels), errors, len(answers)
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        master, errors, answered = self._ask_all(service_name)
+        if master is None:
+            detail = f"; {', '.join(errors)}" if errors else ""
+            raise MasterNotFoundError(
+                f"No master found for {service_name!r}: {answered} of {len(self.sentinels)} "
+                f"Sentinels answered, none names a master that is up{detail}"
+            )
+        return master
+
+    def master_for(self, service_name, redis_class=redis.Redis, connection_pool_class=None, **kw):
+        # No second try inside redis-py (it makes one on a timeout): a connect to a master
+        # that has just died would take twice the connect timeout, and the callers' own
+        # retries (kombu's, celery's, wait_for_master) rediscover the master before retrying.
+        kw.setdefault("retry", Retry(NoBackoff(), 0))
+        return super().master_for(
+            service_name, redis_class, connection_pool_class or TrackedConnectionPool, **kw
+        )
+
+    def __repr__(self) -> str:
+        addresses = ",".join(f"{h}:{p}" for h, p in self._sentinel_addresses)
+        return f"<celery_ha_failover.FastSentinel(sentinels=[{addresses}])>"
+
+
+# ---------------------------------------------------------------------------------------
+# The watcher
+# ---------------------------------------------------------------------------------------
+class FailoverWatcher:
+    """One per process and cluster: a thread per Sentinel, subscribed to +switch-master."""
+
+    _instances: ClassVar[dict[tuple[int, str, tuple], FailoverWatcher]] = {}
+    _lock = threading.Lock()
+    # How long a broken Sentinel link waits before it is tried again (s).
+    retry_interval = 1.0
+
+    @classmethod
+    def ensure(cls, sentinel: FastSentinel, service_name: str) -> FailoverWatcher:
+        key = (os.getpid(), service_name, tuple(sentinel._sentinel_addresses))
+        with cls._lock:
+            watcher = cls._instances.get(key)
+            if watcher is None:
+                watcher = cls._instances[key] = cls(
+                    sentinel._sentinel_addresses, sentinel.sentinel_kwargs, service_name
+                )
+                watcher.start()
+            return watcher
+
+    def __init__(
+        self,
+        sentinels: list[tuple[str, int]],
+        sentinel_kwargs: dict[str, Any],
+        service_name: str,
+        on_switch: Callable[[tuple[str, int] | None], int] = sever_connections,
+    ) -> None:
+        self.sentinels = sentinels
+        self.kwargs = dict(sentinel_kwargs)
+        self.service_name = service_name
+        self.on_switch = on_switch
+        self.master: tuple[str, int] | None = None
+        # Counts the switches acted on; discovery waits for it to move.
+        self.generation = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._switched = threading.Condition()
+
+    def start(self) -> None:
+        for host, port in self.sentinels:
+            thread = threading.Thread(
+                target=self._follow,
+                args=(host, port),
+                name=f"celery-ha-watch-{host}:{port}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait_for_switch(self, generation: int, timeout: float) -> None:
+        """Sleep up to ``timeout`` s, less if a switch after ``generation`` is announced."""
+        with self._switched:
+            self._switched.wait_for(lambda: self.generation != generation, timeout)
+
+    def handle(self, source: str, data: str) -> None:
+        """One +switch-master message: ``<name> <old-ip> <old-port> <new-ip> <new-port>``."""
+        parts = data.split()
+        if len(parts) != 5 or parts[0] != self.service_name:
+            return
+        new = (parts[3], int(parts[4]))
+        with self._switched:
+            # Every Sentinel announces the same switch; act on the first, cut again only if a
+            # later announcement names yet another master.
+            if self.master == new:
+                return
+            self.master = new
+            self.generation += 1
+            self._switched.notify_all()
+        cut = self.on_switch(new)
+        log.warning(
+            "celery-ha: Sentinel %s announced %s for %r: %s:%s -> %s:%s; closed %d "
+            "connection(s) to other servers",
+            source,
+            SWITCH_CHANNEL,
+            self.service_name,
+            parts[1],
+            parts[2],
+            parts[3],
+            parts[4],
+            cut,
+        )
+
+    def _follow(self, host: str, port: int) -> None:
+        source = f"{host}:{port}"
+        while not self._stop.is_set():
+            client = redis.Redis(host=host, port=port, **self.kwargs)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(SWITCH_CHANNEL)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        data = message["data"]
+                        self.handle(source, data.decode() if isinstance(data, bytes) else data)
+            except redis.exceptions.RedisError as exc:
+                log.debug("celery-ha: Sentinel %s link: %s: %s", source, type(exc).__name__, exc)
+            except Exception:  # never let the watcher die: it is what makes failover fast
+                log.exception("celery-ha: watching Sentinel %s failed", source)
+            finally:
+                try:
+                    pubsub.close()
+                    client.close()
+                except Exception:
+                    pass
+            self._stop.wait(self.retry_interval)
+
+
+# ---------------------------------------------------------------------------------------
+# kombu
+# ---------------------------------------------------------------------------------------
+class SentinelChannel(kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel with FastSentinel, and publishes that may wait for a replica."""
+
+    from_transport_options = (
+        *kombu_redis.SentinelChannel.from_transport_options,
+        "publish_wait_replicas",
+        "publish_wait_timeout",
+        "master_wait",
+    )
+    # 0: a publish returns when the master has the message (Redis's asynchronous replication).
+    # N: it also waits until N replicas acknowledged it (WAIT N publish_wait_timeout ms).
+    publish_wait_replicas = 0
+    publish_wait_timeout = 1000
+    # How long one connection attempt waits for the Sentinels to name a master (s).
+    master_wait = 0.0
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        # kombu 5.6.2's own method, with FastSentinel in place of redis.sentinel.Sentinel.
+        connparams = self._connparams(asynchronous)
+        params = {k: v for k, v in connparams.items() if k not in ("host", "port")}
+        sentinels = [
+            (url.hostname, url.port or self.connection.default_port)
+            for url in map(kombu_redis._parse_url, self.connection.client.alt)
+            if url.scheme == "sentinel"
+        ] or [(connparams["host"], connparams["port"])]
+        master_name = getattr(self, "master_name", None)
+        if master_name is None:
+            raise ValueError("'master_name' transport option must be specified.")
+        manager = FastSentinel(
+            sentinels,
+            min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            master_wait=self.master_wait,
+            **params,
+        )
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        return manager.master_for(master_name, redis.Redis, **credentials).connection_pool
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        if not self.publish_wait_replicas:
+            return super()._put(queue, message, **kwargs)
+        pri = self._get_message_priority(message, reverse=False)
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.lpush(self._q_for_pri(queue, pri), kombu_redis.dumps(message))
+            pipe.execute_command("WAIT", self.publish_wait_replicas, self.publish_wait_timeout)
+            _, acked = pipe.execute()
+        if int(acked) < self.publish_wait_replicas:
+            # The master took it but no replica has it: an isolated old master discards it
+            # when it rejoins. Publishing again may run the task twice (the retry carries the
+            # same task id), never zero times.
+            raise NotMasterError(
+                f"publish acknowledged by {acked} of {self.publish_wait_replicas} "
+                f"replica(s) within {self.publish_wait_timeout} ms"
+            )
+        return None
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+    # Without these two, kombu's Connection.ensure gives up a publish after one successful
+    # reconnect (kombu/connection.py: has_modern_errors), so a publish fails while a failover
+    # is still settling. Connection errors (NotMasterError and MasterNotFoundError included)
+    # are worth a reconnect; other error replies are the caller's to see.
+    recoverable_connection_errors = kombu_redis.SentinelTransport.connection_errors
+    recoverable_channel_errors = ()
+
+
+# ---------------------------------------------------------------------------------------
+# celery
+# ---------------------------------------------------------------------------------------
+class SentinelBackend(StockSentinelBackend):
+    """celery's Sentinel result backend with FastSentinel. A result write refused by a master
+    that was cut off (NOREPLICAS) or demoted arrives as NotMasterError, a connection error,
+    which celery retries until the new master takes it instead of failing the task."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # celery builds its Sentinel as self.sentinel.Sentinel(...): hand it ours.
+        wait = float(self._transport_options.get("master_wait", 0.0))
+        self.sentinel = types.SimpleNamespace(Sentinel=partial(FastSentinel, master_wait=wait))
+
+
+def install() -> None:
+    """Make ``sentinel://`` mean these classes in kombu and celery, for this process."""
+    transport.TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
+    transport._transport_cache.pop("sentinel", None)
+    backends.BACKEND_ALIASES["sentinel"] = f"{__name__}:SentinelBackend"

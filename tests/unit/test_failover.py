@@ -1,0 +1,266 @@
+"""celery_ha_failover: master choice, discovery errors, the switch watcher and severing."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import celery_ha_failover as failover
+import pytest
+import redis
+from celery import Celery
+from celery_ha_settings import load
+from redis.sentinel import MasterNotFoundError
+
+SECRET = "sentinel-secret-do-not-log"
+
+
+def state(ip: str, epoch: int, *, down: bool = False, master: bool = True) -> dict[str, Any]:
+    return {
+        "ip": ip,
+        "port": 6379,
+        "is_master": master,
+        "is_sdown": down,
+        "is_odown": False,
+        "num-other-sentinels": 2,
+        "config-epoch": epoch,
+    }
+
+
+def test_highest_epoch_wins_over_a_stale_sentinel() -> None:
+    # A Sentinel that just restarted still names the master of epoch 3.
+    answers = [{"celery": state("10.0.0.11", 3)}, {"celery": state("10.0.0.12", 4)}]
+    assert failover.choose_master(answers, "celery") == ("10.0.0.12", 6379)
+    assert failover.choose_master(list(reversed(answers)), "celery") == ("10.0.0.12", 6379)
+
+
+def test_a_master_most_sentinels_see_down_is_not_used() -> None:
+    # Two Sentinels see the old master down, the one beside it (cut off with it) does not.
+    answers = [
+        {"celery": state("10.0.0.11", 3, down=True)},
+        {"celery": state("10.0.0.11", 3, down=True)},
+        {"celery": state("10.0.0.11", 3)},
+    ]
+    assert failover.choose_master(answers, "celery") is None
+    assert failover.choose_master(answers[2:], "celery") == ("10.0.0.11", 6379)
+
+
+def test_no_answer_for_the_name_or_no_master() -> None:
+    assert failover.choose_master([{"other": state("10.0.0.11", 1)}], "celery") is None
+    assert (
+        failover.choose_master([{"celery": state("10.0.0.11", 1, master=False)}], "celery") is None
+    )
+
+
+class FakeSentinelClient:
+    def __init__(self, host: str, reply: Any, delay: float = 0.0) -> None:
+        self.connection_pool = redis.ConnectionPool(host=host, port=26379, password=SECRET)
+        self.reply, self.delay = reply, delay
+        self.calls = 0
+
+    def sentinel_masters(self) -> Any:
+        self.calls += 1
+        time.sleep(self.delay)
+        if isinstance(self.reply, Exception):
+            raise self.reply
+        return self.reply
+
+
+def fast_sentinel(
+    clients: list[FakeSentinelClient], master_wait: float = 0.0
+) -> failover.FastSentinel:
+    manager = failover.FastSentinel(
+        [(c.connection_pool.connection_kwargs["host"], 26379) for c in clients],
+        sentinel_kwargs={"password": SECRET, "socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+        master_wait=master_wait,
+    )
+    manager.sentinels = clients  # type: ignore[assignment]
+    return manager
+
+
+@pytest.fixture(autouse=True)
+def watchers(monkeypatch: pytest.MonkeyPatch) -> list[failover.FailoverWatcher]:
+    """Watchers that are never started: no thread tries to reach a Sentinel."""
+    made: list[failover.FailoverWatcher] = []
+
+    def ensure(cls, sentinel, service_name):
+        if not made:
+            made.append(cls(sentinel._sentinel_addresses, {}, service_name, on_switch=lambda n: 0))
+        return made[0]
+
+    monkeypatch.setattr(failover.FailoverWatcher, "ensure", classmethod(ensure))
+    return made
+
+
+def test_discovery_does_not_wait_for_a_dead_first_sentinel() -> None:
+    dead = FakeSentinelClient("10.0.0.11", redis.exceptions.TimeoutError("timed out"), delay=0.4)
+    alive = [FakeSentinelClient(h, {"celery": state("10.0.0.12", 2)}) for h in ("b", "c")]
+    started = time.monotonic()
+    assert fast_sentinel([dead, *alive]).discover_master("celery") == ("10.0.0.12", 6379)
+    # The majority answered at once; the dead Sentinel's 0.4 s were not waited for.
+    assert time.monotonic() - started < 0.3
+
+
+def test_master_not_found_names_no_secret() -> None:
+    clients = [
+        FakeSentinelClient("10.0.0.11", redis.exceptions.ConnectionError("refused")),
+        FakeSentinelClient("10.0.0.12", redis.exceptions.TimeoutError("timed out")),
+        FakeSentinelClient("10.0.0.13", {"celery": state("10.0.0.11", 2, down=True)}),
+    ]
+    with pytest.raises(MasterNotFoundError) as err:
+        fast_sentinel(clients).discover_master("celery")
+    text = str(err.value) + repr(err.value) + repr(fast_sentinel(clients))
+    assert SECRET not in text
+    assert "10.0.0.11:26379: ConnectionError: refused" in text
+    assert "1 of 3 Sentinels answered" in text
+
+
+def test_a_connection_attempt_waits_for_the_switch_not_for_its_next_retry() -> None:
+    watcher = failover.FailoverWatcher([("a", 26379)], {}, "celery", on_switch=lambda n: 0)
+    calls: list[float] = []
+
+    def attempt() -> str:
+        calls.append(time.monotonic())
+        if watcher.master is None:
+            raise redis.exceptions.TimeoutError("Timeout connecting to server")
+        return "connected"
+
+    threading.Timer(0.3, watcher.handle, ("a", "celery 10.0.0.11 6379 10.0.0.12 6379")).start()
+    started = time.monotonic()
+    # Polling every 3 s: only the announcement can end the wait this early.
+    assert failover.wait_for_master(attempt, watcher, wait=5.0, poll=3.0) == "connected"
+    assert 0.3 <= time.monotonic() - started < 0.8
+    assert len(calls) == 2
+
+
+def test_waiting_for_a_master_gives_up_and_never_waits_on_a_bad_password() -> None:
+    watcher = failover.FailoverWatcher([("a", 26379)], {}, "celery", on_switch=lambda n: 0)
+
+    def no_master() -> None:
+        raise MasterNotFoundError("none")
+
+    started = time.monotonic()
+    with pytest.raises(MasterNotFoundError):
+        failover.wait_for_master(no_master, watcher, wait=0.3, poll=0.1)
+    assert 0.3 <= time.monotonic() - started < 0.6
+
+    def bad_password() -> None:
+        raise redis.exceptions.AuthenticationError("invalid password")
+
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        failover.wait_for_master(bad_password, watcher, wait=5.0, poll=0.1)
+    assert time.monotonic() - started < 0.1
+
+
+def test_stock_redis_py_would_have_leaked_the_secret() -> None:
+    # The reason for the above (redis/redis-py#2782 shows the same message): if redis-py stops
+    # doing this, FastSentinel's own message can go.
+    client = FakeSentinelClient("10.0.0.11", None)
+    assert SECRET in repr(redis.Redis(connection_pool=client.connection_pool))
+
+
+def test_watcher_acts_once_per_new_master() -> None:
+    switched: list[tuple[str, int] | None] = []
+    watcher = failover.FailoverWatcher(
+        [("10.0.0.11", 26379)], {}, "celery", on_switch=lambda new: switched.append(new) or 0
+    )
+    watcher.handle("a", "celery 10.0.0.11 6379 10.0.0.12 6379")
+    watcher.handle("b", "celery 10.0.0.11 6379 10.0.0.12 6379")  # the same switch, again
+    watcher.handle("b", "other 10.0.0.11 6379 10.0.0.13 6379")  # another cluster's master
+    watcher.handle("b", "garbage")
+    watcher.handle("c", "celery 10.0.0.12 6379 10.0.0.13 6379")
+    assert switched == [("10.0.0.12", 6379), ("10.0.0.13", 6379)]
+
+
+class FakeConnection:
+    def __init__(self, sock: socket.socket, host: str, pid: int | None = None) -> None:
+        self._sock, self.host, self.port = sock, host, 6379
+        self._celery_ha_pid = os.getpid() if pid is None else pid
+
+
+def test_sever_wakes_a_blocked_reader_on_the_old_master_only() -> None:
+    old_a, old_b = socket.socketpair()
+    new_a, new_b = socket.socketpair()
+    inherited_a, inherited_b = socket.socketpair()
+    connections = [
+        FakeConnection(old_a, "10.0.0.11"),
+        FakeConnection(new_a, "10.0.0.12"),
+        FakeConnection(inherited_a, "10.0.0.11", pid=os.getpid() + 1),  # a parent's, after fork
+    ]
+    for connection in connections:
+        failover._connections.add(connection)  # type: ignore[arg-type]
+    woke: list[bytes] = []
+    reader = threading.Thread(target=lambda: woke.append(old_a.recv(10)))
+    reader.start()
+    time.sleep(0.05)
+    assert failover.sever_connections(("10.0.0.12", 6379)) == 1
+    reader.join(2)
+    assert woke == [b""], "the blocked reader was not woken"
+    new_b.send(b"x")
+    assert new_a.recv(1) == b"x", "the link to the new master was cut"
+    inherited_b.send(b"y")
+    assert inherited_a.recv(1) == b"y", "a socket another process created was cut"
+    for sock in (old_a, old_b, new_a, new_b, inherited_a, inherited_b):
+        sock.close()
+
+
+def test_not_master_replies() -> None:
+    assert failover.not_master(redis.exceptions.ResponseError("NOREPLICAS Not enough good"))
+    assert failover.not_master(redis.exceptions.ResponseError("READONLY You can't write"))
+    assert not failover.not_master(redis.exceptions.ResponseError("WRONGTYPE Operation"))
+    assert not failover.not_master(ValueError("NOREPLICAS"))
+
+
+def test_not_master_replies_become_connection_errors_as_they_are_read() -> None:
+    class Connection:
+        disconnected = False
+
+        def __init__(self, reply: Exception) -> None:
+            self.reply = reply
+
+        def read_response(self) -> None:
+            raise self.reply
+
+        def disconnect(self) -> None:
+            self.disconnected = True
+
+    aware = failover._not_master_aware(Connection)
+    assert failover._not_master_aware(aware) is aware
+    refused = aware(redis.exceptions.ResponseError("NOREPLICAS Not enough good replicas"))
+    with pytest.raises(failover.NotMasterError):
+        refused.read_response()
+    assert refused.disconnected, "a refusing master's connection must not be reused"
+    wrong = aware(redis.exceptions.ResponseError("WRONGTYPE Operation against a key"))
+    with pytest.raises(redis.exceptions.ResponseError) as err:
+        wrong.read_response()
+    assert not isinstance(err.value, failover.NotMasterError) and not wrong.disconnected
+
+
+def test_bundle_settings_select_the_failover_classes() -> None:
+    settings = load(
+        {
+            "CELERY_HA_APP": "celery_ha_app",
+            "CELERY_HA_SENTINELS": "10.0.0.11:26379,10.0.0.12:26379",
+            "CELERY_HA_MASTER_NAME": "celery",
+        }
+    )
+    app = Celery("t", set_as_current=False)
+    app.conf.update(settings)
+    with app.connection_for_write() as conn:
+        assert conn.transport_cls == "sentinel"
+        assert conn.get_transport_cls() is failover.SentinelTransport
+        # kombu switches to the next URL after an error: it must still be ours.
+        conn.maybe_switch_next()
+        assert conn.get_transport_cls() is failover.SentinelTransport
+    assert type(app.backend) is failover.SentinelBackend
+    assert app.backend.exception_safe_to_retry(
+        failover.NotMasterError("NOREPLICAS Not enough good replicas to write.")
+    )
+    assert issubclass(failover.NotMasterError, redis.exceptions.ConnectionError)
+    assert issubclass(
+        failover.NotMasterError, failover.SentinelTransport.recoverable_connection_errors
+    )
