@@ -26,13 +26,19 @@ $(BIN)/.installed: requirements-dev.txt
 venv: $(BIN)/.installed ## controller tools, pinned, in .venv/
 
 # python3-venv: the celery role builds wheels with the hosts' Python (Debian's); chromium and
-# its driver: the Flower browser test. The lab installs its own packages (tests/lab/lab up).
-DEBIAN_DEPS := python3-venv chromium chromium-driver
+# its driver: the Flower browser test; shellcheck: make lint, which installs only its own so
+# that linting does not pull in a browser. The lab installs its own packages (tests/lab/lab up).
+LINT_DEPS   := shellcheck
+DEBIAN_DEPS := python3-venv chromium chromium-driver $(LINT_DEPS)
+# Every shell script in the repository, found by its shebang so that a new one is linted too.
+SHELL_SCRIPTS = $(shell git ls-files -z | xargs -0 awk 'FNR == 1 && /^\#!.*[\/ ](ba)?sh( |$$)/ {print FILENAME} {nextfile}')
 
 deps: venv ## Debian packages the tests need (the lab installs its own)
 	@tests/install-deps.sh $(DEBIAN_DEPS)
 
-lint: venv ## ansible-lint (production profile), yamllint, ruff
+lint: venv ## ansible-lint (production profile), yamllint, ruff, shellcheck
+	@tests/install-deps.sh $(LINT_DEPS)
+	shellcheck $(SHELL_SCRIPTS)
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint ansible/ tests/
 	$(BIN)/ruff check .

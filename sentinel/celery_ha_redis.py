@@ -93,7 +93,9 @@ class Connection:
 
     def _read(self) -> Any:
         line = self.file.readline()
-        if not line:
+        # A server that goes away mid-reply leaves a line or a bulk string short: that is
+        # a lost connection, never a (wrong) value.
+        if not line.endswith(b"\r\n"):
             raise ConnectionError("connection closed by server")
         kind, rest = line[:1], line[1:-2]
         if kind == b"+":
@@ -106,8 +108,10 @@ class Connection:
             size = int(rest)
             if size < 0:
                 return None
-            data = self.file.read(size + 2)[:-2]
-            return data.decode(errors="replace")
+            data = self.file.read(size + 2)
+            if len(data) != size + 2:
+                raise ConnectionError("connection closed by server")
+            return data[:-2].decode(errors="replace")
         if kind == b"*":
             count = int(rest)
             if count < 0:

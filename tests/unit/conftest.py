@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-# Also the controller-side scripts tested here: the CA tool and the secret search.
+# Also the controller-side code tested here: the CA tool, the secret search and the drills'
+# ledger (host-free accounting, so its tests run here and not with the drills); and the
+# hosts' Redis/Sentinel helper, against fake servers.
 for src in (
     "app/boot/src",
     "app/src",
     "tests/apps/inventory_app/src",
     "ansible/roles/redis_tls/files",
+    "sentinel",
     "tests",
+    "tests/drills",
 ):
     path = str(REPO / src)
     if path not in sys.path:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import celery_ha_exec
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = sorted((REPO / "systemd").glob("*.service"))
@@ -135,6 +136,35 @@ def test_supervisor_runs_the_units_exact_command_line(unit: Path) -> None:
     instance = "reports" if kind == "worker" else None
     expected = expand(s["ExecStart"][0], env, instance or "", "node9")
     assert celery_ha_exec.command(kind, instance, env, hostname="node9") == expected
+
+
+@pytest.mark.parametrize(
+    "unit", [u for u in UNITS if "User" in unit_settings(u)], ids=lambda p: p.name
+)
+def test_units_spell_the_celery_roles_constants(unit: Path) -> None:
+    # The role's paths and user are constants (vars/main.yml) because these static files
+    # hard-code them: the two must say the same.
+    const = yaml.safe_load((REPO / "ansible/roles/celery/vars/main.yml").read_text())
+    s = unit_settings(unit)
+    assert s["User"] == [const["celery_user"]]
+    assert s["Group"] == [const["celery_group"]]
+    assert s["ExecStart"][0].startswith(const["celery_venv"] + "/bin/")
+    assert s["EnvironmentFile"]
+    assert all(Path(f).parent == Path(const["celery_config_dir"]) for f in s["EnvironmentFile"])
+    if "StateDirectory" in s:
+        assert Path("/var/lib", s["StateDirectory"][0]) == Path(const["celery_state_dir"])
+        assert s["WorkingDirectory"] == [const["celery_state_dir"]]
+
+
+def test_flower_unit_falls_back_to_the_flower_roles_address_and_port() -> None:
+    # Were flower.env to lack them, Flower must still come up where the role's nginx looks for
+    # it (flower_address:flower_port, behind flower_proxy_port), not on Flower's own 5555.
+    role = yaml.safe_load((REPO / "ansible/roles/flower/defaults/main.yml").read_text())
+    defaults = unit_defaults(unit_settings(REPO / "systemd" / "flower.service"))
+    assert defaults["FLOWER_ADDRESS"] == role["flower_address"] == "127.0.0.1"
+    assert defaults["FLOWER_PORT"] == str(role["flower_port"])
+    assert role["flower_port"] != role["flower_proxy_port"]
+    # celery-ha-exec's defaults are the unit's: test_supervisor_runs_the_units_exact_command_line.
 
 
 jinja2 = pytest.importorskip("jinja2")

@@ -29,7 +29,7 @@ DEFAULTS: dict[str, dict[str, str]] = {
         "CELERY_HA_LOG_LEVEL": "INFO",
     },
     "beat": {"CELERY_HA_LOG_LEVEL": "INFO"},
-    "flower": {"CELERY_HA_LOG_LEVEL": "INFO", "FLOWER_ADDRESS": "127.0.0.1", "FLOWER_PORT": "5555"},
+    "flower": {"CELERY_HA_LOG_LEVEL": "INFO", "FLOWER_ADDRESS": "127.0.0.1", "FLOWER_PORT": "5556"},
 }
 
 
