@@ -10,8 +10,10 @@ side by side in the same invocation on the same lab:
   throughput  no-op tasks/s through the deployed cluster (production settings) vs a bare
             `celery worker` with default settings on a throwaway plain Redis on one lab host,
             vs that Redis' ceiling (redis-benchmark LPUSH/RPOP); plus the ratios
-  failover  master host crash -> Sentinel's +switch-master, and -> first task completed on
-            the new master, under a steady load
+  failover  --crashes (default 20) master host crashes in a row under a steady load, one in
+            four while the master is also the first Sentinel: the distribution of Sentinel's
+            election (earliest +switch-master), how many needed a second round, the longest
+            gap with no task completing and the longest publish stall
 
 Sections run in that order; --only picks some. Without bringup/deploy the lab at LAB_DIR
 must already be deployed. Traffic goes only to the lab's addresses.
@@ -28,7 +30,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ sys.path.insert(0, str(REPO / "tests" / "drills"))
 
 import redis  # noqa: E402
 from cluster import Cluster, Lab, parse_recap  # noqa: E402
-from ledger import NOOP_TASK, Ledger, Producer, new_run_id, wait_until  # noqa: E402
+from drillkit import Load, earliest_switch, expected_workers, make_master, wait_healthy  # noqa: E402
+from ledger import NOOP_TASK, longest_gap, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench-results"
 SECTIONS = ("bringup", "deploy", "throughput", "failover")
@@ -270,72 +272,84 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # failover
 # ------------------------------------------------------------------------------------------
-def watch_switch(c: Cluster, host: str, out: list[float], stop: threading.Event) -> None:
-    """Record when the Sentinel on host announces +switch-master (its own pubsub event)."""
-    kw = {k: v for k, v in c.sentinel_kwargs.items() if k in ("username", "password")}
-    client = redis.Redis(host=c.addresses[host], port=26379, socket_timeout=2, **kw, **c.tls)
-    pubsub = client.pubsub()
-    pubsub.subscribe("+switch-master")
-    try:
-        while not stop.is_set() and not out:
-            msg = pubsub.get_message(timeout=0.5)
-            if msg and msg["type"] == "message":
-                out.append(time.time())
-    finally:
-        pubsub.close()
-        client.close()
-
-
-def failover_once(lab: Lab) -> tuple[float, float, str]:
-    c = Cluster(lab)
-    workers = wait_until(c.ping_workers, 180, interval=3, what="workers")
-    master = c.master_host()
-    watcher = next(h for h in c.sentinel_hosts if h != master)
-    survivors = [h for h in c.worker_hosts if h != master]
-    switched_at: list[float] = []
-    stop = threading.Event()
-    thread = threading.Thread(target=watch_switch, args=(c, watcher, switched_at, stop))
-    thread.start()
-    ledger = Ledger(new_run_id("bench-fo"))
-    try:
-        time.sleep(1)
-        with Producer(ledger, c.sender(ledger), rate=20, max_seconds=600):
-            time.sleep(3)
-            t_crash = time.time()
-            lab.run("crash", master)
-            wait_until(lambda: switched_at, 120, interval=0.2, what="+switch-master")
-
-            def first_done() -> float | None:
-                c.collect(ledger, survivors)
-                done = [e.ts for e in ledger.executions("D") if e.ts > switched_at[0]]
-                return min(done) if done else None
-
-            first = wait_until(first_done, 300, interval=0.5, what="a task on the new master")
-    finally:
-        stop.set()
-        thread.join(5)
-    lab.run("start", master, timeout=300)
-    wait_until(lambda: c.role_of(master) == "replica:connected", 180, what="rejoin as replica")
-    wait_until(lambda: set(workers) <= set(c.ping_workers()), 180, what="workers back")
-    c.wait_drained(ledger, timeout=120)
-    return switched_at[0] - t_crash, float(first) - t_crash, master  # type: ignore[arg-type]
-
-
-def bench_failover(lab: Lab, runs: int) -> dict[str, Any]:
-    switch: list[float] = []
-    first_task: list[float] = []
-    for i in range(runs):
-        sw, first, master = failover_once(lab)
-        switch.append(sw)
-        first_task.append(first)
-        say(
-            f"run {i + 1}: crash {master}: +switch-master {sw:.1f} s, first task on the "
-            f"new master {first:.1f} s"
+def journal_count(c: Cluster, since: float, needle: str) -> int:
+    """How many lines with ``needle`` the reachable Sentinels logged after ``since``."""
+    total = 0
+    for host in c.sentinel_hosts:
+        out = c.lab.ssh(
+            host,
+            f"journalctl -u redis-sentinel --since @{since:.3f} --no-pager | grep -cF -- "
+            f"{shlex.quote(needle)} || true",
+            check=False,
         )
+        total += int(out.strip() or 0)
+    return total
+
+
+def failover_once(c: Cluster, workers: list[str], first_sentinel: bool) -> dict[str, Any]:
+    """One master host crash under load: the election, the gap and the publish stall."""
+    if first_sentinel:
+        make_master(c, c.lab.host_of(c.sentinels[0][0]), workers)
+    master = wait_healthy(c, workers)
+    others = [h for h in c.sentinel_hosts if h != master]
+    with Load(c, "bench-fo") as load:
+        t_crash = time.time()
+        c.lab.run("crash", master)
+
+        def elected() -> bool:
+            named = {v for v in c.sentinel_views(others).values() if v}
+            return len(named) == 1 and c.addresses[master] not in named
+
+        wait_until(elected, 180, interval=0.2, what="a new master")
+        load.wait_done_after(time.time(), count=40, what="tasks on the new master")
+        t_end = time.time()
+        c.lab.run("start", master, timeout=300)
+        wait_until(lambda: c.role_of(master) == "replica:connected", 180, what="rejoin")
+        wait_healthy(c, workers)
+        report = load.finish(gap_from=t_crash, parked_ok=False, stop_at=t_end)
+    switch = earliest_switch(c, t_crash - 1)
+    stall = longest_gap(load.ledger.published.values(), t_crash, t_end)[0]
     return {
-        "switch_master_s": median(switch),
-        "first_task_on_new_master_s": median(first_task),
-        "runs": {"switch_master": switch, "first_task": first_task},
+        "crashed": master,
+        "first_sentinel": first_sentinel,
+        "election_s": None if switch is None else round(switch - t_crash, 2),
+        # A second round: an election that was abandoned (split vote, no leader in time).
+        "retried": journal_count(c, t_crash - 1, "-failover-abort-not-elected") > 0,
+        "gap_s": round(report.gap[0], 2) if report.gap else None,
+        "publish_stall_s": round(stall, 2),
+        "lost": len(report.lost),
+        "failed": report.failed,
+    }
+
+
+def bench_failover(lab: Lab, crashes: int) -> dict[str, Any]:
+    """``crashes`` master host crashes in a row; every fourth first makes the first Sentinel's
+    host the master, the state of a fresh deployment and the worst case for clients."""
+    c = Cluster(lab)
+    workers = expected_workers(c)
+    rows: list[dict[str, Any]] = []
+    for i in range(crashes):
+        row = failover_once(c, workers, first_sentinel=i % 4 == 0)
+        rows.append(row)
+        say(f"crash {i + 1}/{crashes}: {row}")
+    elections = [r["election_s"] for r in rows if r["election_s"] is not None]
+    gaps = [r["gap_s"] for r in rows if r["gap_s"] is not None]
+    stalls = [r["publish_stall_s"] for r in rows]
+    after = [g - e for g, e in zip(gaps, elections, strict=False)]
+    return {
+        "crashes": crashes,
+        "election_median_s": median(elections),
+        "election_worst_s": max(elections, default=None),
+        "elections_retried": sum(1 for r in rows if r["retried"]),
+        "elections_over_30_s": sum(1 for e in elections if e > 30),
+        "gap_median_s": median(gaps),
+        "gap_worst_s": max(gaps, default=None),
+        "gap_after_switch_worst_s": round(max(after), 2) if after else None,
+        "publish_stall_median_s": median(stalls),
+        "publish_stall_worst_s": max(stalls, default=None),
+        "lost": sum(r["lost"] for r in rows),
+        "failed": sum(r["failed"] for r in rows),
+        "runs": rows,
     }
 
 
@@ -365,8 +379,17 @@ def table(results: dict[str, Any]) -> str:
     ]
     f = results.get("failover", {})
     rows += [
-        ("master crash -> +switch-master (s)", f.get("switch_master_s")),
-        ("master crash -> first task on new master (s)", f.get("first_task_on_new_master_s")),
+        ("master host crashes in a row (failover)", f.get("crashes")),
+        ("  crash -> earliest +switch-master, median (s)", f.get("election_median_s")),
+        ("  crash -> earliest +switch-master, worst (s)", f.get("election_worst_s")),
+        ("  elections that needed a second round", f.get("elections_retried")),
+        ("  elections over 30 s", f.get("elections_over_30_s")),
+        ("  longest gap with no task completing, median (s)", f.get("gap_median_s")),
+        ("  longest gap with no task completing, worst (s)", f.get("gap_worst_s")),
+        ("  worst gap minus its election (s)", f.get("gap_after_switch_worst_s")),
+        ("  longest publish stall, median (s)", f.get("publish_stall_median_s")),
+        ("  longest publish stall, worst (s)", f.get("publish_stall_worst_s")),
+        ("  lost / failed tasks", f"{f.get('lost')} / {f.get('failed')}" if f else None),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'figure (median of ' + str(results['runs']) + ' runs)':<{width}}  value"]
@@ -385,6 +408,9 @@ def main() -> int:
     )
     parser.add_argument("--tasks", type=int, default=3000, help="no-op tasks per throughput run")
     parser.add_argument("--keep-lab", action="store_true", help="leave the lab up at the end")
+    parser.add_argument(
+        "--crashes", type=int, default=20, help="master host crashes in the failover section"
+    )
     args = parser.parse_args()
     if args.runs < 3:
         parser.error("--runs must be >= 3: the figures are medians")
@@ -409,7 +435,7 @@ def main() -> int:
         if "throughput" in args.only:
             results["throughput"] = bench_throughput(lab, args.runs, args.tasks)
         if "failover" in args.only:
-            results["failover"] = bench_failover(lab, args.runs)
+            results["failover"] = bench_failover(lab, args.crashes)
     finally:
         RESULTS.mkdir(exist_ok=True)
         out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -118,6 +118,7 @@ class Load:
             report.extra["longest gap with no publish accepted"] = f"{pub_gap[0]:.2f} s"
         if self.producer.last_error:
             report.extra["last publish error"] = self.producer.last_error
+            report.extra["its traceback"] = self.producer.last_traceback
         return report
 
 
@@ -277,7 +278,11 @@ class RemoteProducer:
         if self.stopped:
             return
         self.stopped = True
-        self.c.lab.ssh(self.host, f"touch {self.out}.stop", check=False)
+        self.c.lab.ssh(
+            self.host,
+            f"pkill -USR1 -f '[r]emote_producer.py'; sleep 0.5; touch {self.out}.stop",
+            check=False,
+        )
         wait_until(
             lambda: (
                 not self.c.lab.ssh(
@@ -301,7 +306,7 @@ class RemoteProducer:
             elif parts[0] == "F":
                 self.failures += 1
                 self.ledger.mark_failed_publish(parts[1], "failed on " + self.host)
-        err = self.c.lab.ssh(self.host, f"tail -c 600 {self.out}.err 2>/dev/null", check=False)
+        err = self.c.lab.ssh(self.host, f"tail -c 3000 {self.out}.err 2>/dev/null", check=False)
         if err.strip():
             say(f"producer on {self.host} said: {err.strip()}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -223,6 +224,7 @@ class Producer:
             target=self._run, name=f"producer-{ledger.run_id}", daemon=True
         )
         self.last_error: str | None = None
+        self.last_traceback: str | None = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -249,6 +251,7 @@ class Producer:
             self.send(ledger_id)
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_traceback = traceback.format_exc(limit=-12)
             self.ledger.mark_failed_publish(ledger_id, self.last_error)
         else:
             self.ledger.mark_published(ledger_id)

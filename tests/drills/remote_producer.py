@@ -10,6 +10,9 @@ as soon as OUTFILE.stop exists.
 
 from __future__ import annotations
 
+import faulthandler
+import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,6 +42,10 @@ class FileLedger(Ledger):
 
 
 def main(run_id: str, rate: float, max_seconds: float, outfile: str) -> None:
+    # The drill asks for every thread's stack (SIGUSR1) before stopping it, so a publish that
+    # hangs shows where.
+    faulthandler.register(signal.SIGUSR1)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     settings = celery_ha_settings.load(read_env_file(CONFIG_DIR / "celery.env"))
     app = Celery("celery-ha-remote-producer", set_as_current=False)
     app.conf.update(settings)

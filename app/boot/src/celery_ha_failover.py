@@ -198,6 +198,21 @@ def _address(client: redis.Redis) -> str:
     return f"{kwargs.get('host')}:{kwargs.get('port')}"
 
 
+_sentinel_clients: dict[tuple, redis.Redis] = {}
+_sentinel_clients_lock = threading.Lock()
+
+
+def _shared_sentinel_client(host: str, port: int, kwargs: dict[str, Any]) -> redis.Redis:
+    # "retry" is a fresh object (same policy) per Sentinel; everything else must match.
+    settings = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k != "retry"))
+    key = (os.getpid(), host, port, settings)
+    with _sentinel_clients_lock:
+        client = _sentinel_clients.get(key)
+        if client is None:
+            client = _sentinel_clients[key] = redis.Redis(host=host, port=port, **kwargs)
+        return client
+
+
 def choose_master(
     answers: Iterable[dict[str, Any]], service_name: str, min_other_sentinels: int = 0
 ) -> tuple[str, int] | None:
@@ -255,6 +270,12 @@ class FastSentinel(Sentinel):
         sentinel_kwargs = {"retry": Retry(NoBackoff(), 0), **(sentinel_kwargs or {})}
         super().__init__(sentinels, min_other_sentinels, sentinel_kwargs, **kwargs)
         self._sentinel_addresses = [(str(h), int(p)) for h, p in sentinels]
+        # kombu and celery build a Sentinel for every channel and pool: sharing the Sentinel
+        # clients keeps their (TLS) connections, so a reconnect storm after a failover does
+        # not also pay a handshake with every Sentinel for every channel.
+        self.sentinels = [
+            _shared_sentinel_client(h, p, self.sentinel_kwargs) for h, p in self._sentinel_addresses
+        ]
         self.master_wait = master_wait
         own = self.sentinel_kwargs
         self._ask_timeout = (own.get("socket_connect_timeout") or 5.0) + (
@@ -476,6 +497,12 @@ class SentinelChannel(kombu_redis.SentinelChannel):
         return manager.master_for(master_name, redis.Redis, **credentials).connection_pool
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        if self.connection is None:
+            # kombu (5.6.2) can hand a pooled producer a channel that a reconnect of the same
+            # connection elsewhere has closed; publishing on it dies with AttributeError
+            # ('NoneType' object has no attribute 'client'). As a connection error it makes
+            # kombu reconnect and revive the producer instead.
+            raise NotMasterError("channel closed by a reconnect; publishing on a new one")
         if not self.publish_wait_replicas:
             return super()._put(queue, message, **kwargs)
         pri = self._get_message_priority(message, reverse=False)
