@@ -29,6 +29,7 @@ from typing import Any
 
 import celery_ha_settings
 import pytest
+import secret_search
 from celery import Celery
 from cluster import Cluster
 from drillkit import (
@@ -275,3 +276,23 @@ def _lab_whole_again(drill_cluster: Cluster) -> Iterator[None]:
     """A drill that failed halfway must not leave its host down for the next one."""
     yield
     restore_lab(drill_cluster)
+
+
+def test_failover5_no_secret_in_any_journal(
+    drill_cluster: Cluster, drill_figures: list[dict[str, Any]]
+) -> None:
+    """After the failovers above (and every retry and error they logged), no password or key
+    of the cluster is in the journal of any of its hosts: redis-py's MasterNotFoundError would
+    have put the Sentinel password there (tests/unit/test_failover.py)."""
+    c = drill_cluster
+    hosts = sorted(set(c.worker_hosts) | set(c.redis_hosts) | set(c.sentinel_hosts))
+    journals = {h: c.lab.ssh(h, "journalctl --no-pager -o cat", timeout=120) for h in hosts}
+    secrets = c.lab.lab_dir / "secrets"
+    assert secret_search.needles(secrets), f"no secrets under {secrets}: nothing to prove"
+    leaked = {
+        h: found for h, text in journals.items() if (found := secret_search.search(text, secrets))
+    }
+    size = sum(len(t) for t in journals.values())
+    say(f"searched {size} characters of journal on {len(hosts)} hosts: {leaked or 'no secret'}")
+    drill_figures.append({"drill": "failover 5: secrets in journals", "leaked": sorted(leaked)})
+    assert not leaked, f"secrets in the journals (names only): {leaked}"

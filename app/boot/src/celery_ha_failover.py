@@ -219,8 +219,10 @@ def choose_master(
     """The master to use from several Sentinels' SENTINEL MASTERS replies.
 
     The highest config-epoch wins: a Sentinel that has just restarted, or sits on the wrong
-    side of a partition, may still name the master of an older epoch. An address that most
-    of the answering Sentinels see as down is not used even if one Sentinel still trusts it.
+    side of a partition, may still name the master of an older epoch. An address that half
+    or more of the answering Sentinels see as down is not used even if one still trusts it:
+    with two answers, one from the Sentinel cut off beside the old master, the caller then
+    waits for the third instead of publishing into the partition.
     """
     states = [a[service_name] for a in answers if service_name in a]
     if not states:
@@ -238,7 +240,7 @@ def choose_master(
             or state["is_sdown"]
             or state["is_odown"]
             or state["num-other-sentinels"] < min_other_sentinels
-            or down.get(key, 0) * 2 > len(states)
+            or down.get(key, 0) * 2 >= len(states)
         ):
             continue
         epoch = int(state.get("config-epoch", 0))
