@@ -98,18 +98,12 @@ class _NotMasterAware:
             raise
 
 
-_aware_classes: dict[type, type] = {}
-
-
 def _not_master_aware(connection_class: type) -> type:
+    # Not cached: kombu makes a new connection class for each channel's asynchronous pool, so
+    # a cache would keep every one of them; this class lives as long as its pool.
     if issubclass(connection_class, _NotMasterAware):
         return connection_class
-    aware = _aware_classes.get(connection_class)
-    if aware is None:
-        aware = _aware_classes[connection_class] = type(
-            connection_class.__name__, (_NotMasterAware, connection_class), {}
-        )
-    return aware
+    return type(connection_class.__name__, (_NotMasterAware, connection_class), {})
 
 
 class TrackedConnectionPool(SentinelConnectionPool):

@@ -6,8 +6,9 @@ Sentinel of the URL (MasterNotFoundError when that one is down) and never passes
 number to the master connection (flower/utils/broker.py, RedisSentinel._get_redis_client),
 so its queue lengths are wrong or missing; its /metrics has no queue depth at all.
 
-This exporter asks every configured Sentinel for the current master on EACH scrape (so it
-follows a failover at once), then LLENs each queue in the broker db with the Celery ACL user.
+This exporter asks every configured Sentinel at once for the current master on EACH scrape
+(so it follows a failover at once; celery_ha_failover.FastSentinel, as the workers do), then
+LLENs each queue in the broker db with the Celery ACL user.
 A queue's depth is the sum over kombu's priority sub-queues, as Flower and kombu count it.
 
 Configuration comes from the environment, or from a KEY=value file given as --env-file
@@ -231,7 +232,9 @@ class Collector:
         self._sentinel: Any = None
 
     def _sentinel_master(self) -> tuple[str, int]:
-        from redis.sentinel import Sentinel
+        # The workers' own discovery (same venv): every Sentinel asked at once, the highest
+        # config-epoch wins, and its errors carry no password (redis-py's carry its pool's repr).
+        from celery_ha_failover import FastSentinel as Sentinel
 
         if self._sentinel is None:
             # No connection kwargs for the master here: we only use Sentinel to discover it.
@@ -244,8 +247,7 @@ class Collector:
                     **self.cfg.tls_kwargs(),
                 },
             )
-        # discover_master asks the Sentinels in turn and accepts only an answer naming a
-        # master that Sentinel sees as up (not s_down/o_down): a fresh answer every scrape.
+        # A fresh answer every scrape, naming only a master the Sentinels see as up.
         host, port = self._sentinel.discover_master(self.cfg.master_name)
         return str(host), int(port)
 
