@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
+import celery_ha_redelivery
 import celery_ha_settings
 from celery import Celery
 from celery.app.utils import find_app
@@ -62,6 +63,9 @@ def boot(environ: dict[str, str] | None = None) -> Celery:
             own_list = [own]
         settings["task_routes"] = [routes, *own_list]
     found.conf.update(settings)
+    # Workers refresh the messages they hold, so a dead worker's are redelivered in about a
+    # minute while a live worker's long task never is (celery_ha_redelivery).
+    celery_ha_redelivery.install(found)
     return found
 
 
