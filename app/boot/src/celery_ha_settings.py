@@ -235,6 +235,62 @@ def parse_task_routes(
     return parsed
 
 
+BEAT_KEY_PREFIX = "celery-ha:beat:"
+
+
+def _beat(
+    env: _Env,
+    sentinels: list[tuple[str, int]],
+    master_name: str,
+    db: int,
+    socket_timeout: float,
+    sentinel_kwargs: dict[str, Any],
+    master_tls: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """celery-redbeat on beat hosts (only they have CELERY_HA_BEAT_*): the schedule and the
+    lock that keeps all beats but one on standby live in the cluster's Redis, reached through
+    the Sentinels with beat's own ACL user (ansible/roles/celery/README.md)."""
+    username = env.string("BEAT_REDIS_USERNAME")
+    if username is None:
+        return {}
+    password = env.required("BEAT_REDIS_PASSWORD")
+    lock_timeout = env.integer("BEAT_LOCK_TIMEOUT", 30, minimum=5)
+    max_interval = env.integer("BEAT_MAX_INTERVAL", 5, minimum=1)
+    if lock_timeout < 3 * max_interval:
+        # The active beat renews the lock once per tick, at most max_interval apart.
+        raise SettingsError(
+            PREFIX + "BEAT_LOCK_TIMEOUT",
+            f"must be at least 3 x CELERY_HA_BEAT_MAX_INTERVAL ({lock_timeout} < "
+            f"3 x {max_interval}): the active beat would lose its lock between two ticks",
+        )
+    options: dict[str, Any] = {
+        "sentinels": sentinels,
+        "service_name": master_name,
+        "db": db,
+        "username": username,
+        "password": password,
+        # redbeat passes no connect timeout; redis-py then uses socket_timeout for both.
+        "socket_timeout": socket_timeout,
+        "sentinel_kwargs": dict(sentinel_kwargs),
+        # Retry a lost master for less than the lock lasts: an active beat cut off longer
+        # exits (and comes back as a standby) instead of holding on past its lock.
+        "retry_period": max(1, lock_timeout // 2),
+    }
+    beat: dict[str, Any] = {
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "beat_max_interval": max_interval,
+        # Only the prefix is looked at: the Sentinels come from redbeat_redis_options.
+        "redbeat_redis_url": "redis-sentinel://",
+        "redbeat_redis_options": options,
+        "redbeat_key_prefix": BEAT_KEY_PREFIX,
+        "redbeat_lock_key": BEAT_KEY_PREFIX + "lock",
+        "redbeat_lock_timeout": lock_timeout,
+    }
+    if master_tls:
+        beat["redbeat_redis_use_ssl"] = dict(master_tls)
+    return beat
+
+
 def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Celery settings (lowercase names) from the CELERY_HA_* variables of ``environ``.
 
@@ -284,6 +340,24 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         raise SettingsError(
             PREFIX + "VISIBILITY_TIMEOUT",
             f"must be above CELERY_HA_TASK_TIME_LIMIT ({visibility_timeout} <= {task_time_limit})",
+        )
+
+    # Redelivery of a dead worker's messages (celery_ha_redelivery): live workers refresh
+    # what they hold every REDELIVERY_INTERVAL s, and what nobody refreshed is handed out
+    # again within REDELIVERY_TIMEOUT s. VISIBILITY_TIMEOUT stays kombu's own backstop.
+    redelivery_timeout = env.number("REDELIVERY_TIMEOUT", 60.0, minimum=1.0)
+    redelivery_interval = env.number("REDELIVERY_INTERVAL", 10.0, minimum=0.5)
+    from celery_ha_redelivery import check_bound
+
+    try:
+        check_bound(redelivery_timeout, redelivery_interval)
+    except ValueError as exc:
+        raise SettingsError(PREFIX + "REDELIVERY_TIMEOUT", str(exc)) from None
+    if redelivery_timeout >= visibility_timeout:
+        raise SettingsError(
+            PREFIX + "REDELIVERY_TIMEOUT",
+            f"must be below CELERY_HA_VISIBILITY_TIMEOUT ({redelivery_timeout:g} >= "
+            f"{visibility_timeout}), the backstop for clients that do not refresh",
         )
 
     socket_timeout = env.number("SOCKET_TIMEOUT", 5.0, minimum=0.1)
@@ -372,6 +446,19 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         master_tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         settings["broker_use_ssl"] = dict(master_tls)
         settings["redis_backend_use_ssl"] = dict(master_tls)
+    settings["celery_ha_redelivery_timeout"] = redelivery_timeout
+    settings["celery_ha_redelivery_interval"] = redelivery_interval
+    settings.update(
+        _beat(
+            env,
+            sentinels,
+            master_name,
+            broker_db,
+            socket_timeout,
+            sentinel_kwargs,
+            settings.get("broker_use_ssl"),
+        )
+    )
     if task_time_limit is not None:
         settings["task_time_limit"] = task_time_limit
     if compression is not None:

@@ -1,0 +1,51 @@
+"""celery_ha_settings: the beat hosts' celery-redbeat settings (CELERY_HA_BEAT_*)."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from celery_ha_settings import BEAT_KEY_PREFIX, SettingsError, load
+from test_settings import env
+
+BEAT = {"BEAT_REDIS_USERNAME": "beat", "BEAT_REDIS_PASSWORD": "beat-secret"}
+TLS = {"TLS_CA": "/etc/ca.crt", "TLS_CERT": "/etc/c.crt", "TLS_KEY": "/etc/c.key"}
+
+
+def test_without_beat_variables_nothing_of_redbeat_is_set() -> None:
+    settings = load(env())
+    assert not any(k.startswith(("redbeat_", "beat_")) for k in settings)
+
+
+def test_redbeat_goes_through_every_sentinel_with_its_own_user_and_tls() -> None:
+    settings = load(env(**BEAT, **TLS))
+    assert settings["beat_scheduler"] == "redbeat.RedBeatScheduler"
+    assert settings["redbeat_redis_url"].startswith("redis-sentinel")
+    options = settings["redbeat_redis_options"]
+    hosts = ["10.0.0.11", "10.0.0.12", "10.0.0.13"]
+    assert options["sentinels"] == [(h, 26379) for h in hosts]
+    assert options["service_name"] == "celery"
+    assert (options["username"], options["password"]) == ("beat", "beat-secret")
+    # The Sentinels are asked with their own password and over TLS too.
+    assert options["sentinel_kwargs"]["password"] == "sentinel-secret"
+    assert options["sentinel_kwargs"]["ssl"] is True
+    assert settings["redbeat_redis_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    assert settings["redbeat_redis_use_ssl"]["ssl_ca_certs"] == "/etc/ca.crt"
+    # Keys the ACL user may touch (users.acl.j2), and a lock far below redbeat's 1500 s.
+    assert settings["redbeat_lock_key"].startswith(BEAT_KEY_PREFIX)
+    assert settings["redbeat_key_prefix"] == BEAT_KEY_PREFIX
+    assert settings["redbeat_lock_timeout"] == 30
+    assert settings["beat_max_interval"] == 5
+    assert options["retry_period"] < settings["redbeat_lock_timeout"]
+
+
+def test_the_lock_must_outlast_three_ticks() -> None:
+    with pytest.raises(SettingsError) as error:
+        load(env(**BEAT, BEAT_LOCK_TIMEOUT="10", BEAT_MAX_INTERVAL="5"))
+    assert error.value.variable == "CELERY_HA_BEAT_LOCK_TIMEOUT"
+
+
+def test_a_beat_user_needs_its_password() -> None:
+    with pytest.raises(SettingsError) as error:
+        load(env(BEAT_REDIS_USERNAME="beat"))
+    assert error.value.variable == "CELERY_HA_BEAT_REDIS_PASSWORD"
