@@ -51,6 +51,15 @@ def ledger_record(self: Task, ledger_id: str, run_id: str, sleep_s: float = 0.0)
     return ledger_id
 
 
+@app.task(bind=True, name="drills.beat_tick")
+def beat_tick(self: Task, run_id: str) -> str:
+    """One run of the beat drill's periodic entry. The ledger id carries the task id: two
+    beats sending the same run make two ids, one message redelivered makes the same id twice."""
+    ledger_id = f"{run_id}-{self.request.id}"
+    _append("D", ledger_id, run_id, self.request.hostname or "unknown")
+    return ledger_id
+
+
 @app.task(name="drills.noop")
 def noop() -> None:
     """Does nothing: throughput benchmarks measure the plumbing, not the work."""
