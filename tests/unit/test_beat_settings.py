@@ -35,7 +35,7 @@ def test_redbeat_goes_through_every_sentinel_with_its_own_user_and_tls() -> None
     assert settings["redbeat_lock_key"].startswith(BEAT_KEY_PREFIX)
     assert settings["redbeat_key_prefix"] == BEAT_KEY_PREFIX
     assert settings["redbeat_lock_timeout"] == 30
-    assert settings["beat_max_interval"] == 5
+    assert settings["beat_max_loop_interval"] == 5
     assert options["retry_period"] < settings["redbeat_lock_timeout"]
 
 

@@ -278,7 +278,9 @@ def _beat(
     }
     beat: dict[str, Any] = {
         "beat_scheduler": "redbeat.RedBeatScheduler",
-        "beat_max_interval": max_interval,
+        # celery 5.6's name for the longest sleep between ticks (beat.Scheduler reads
+        # beat_max_loop_interval); redbeat renews its lock once per tick.
+        "beat_max_loop_interval": max_interval,
         # Only the prefix is looked at: the Sentinels come from redbeat_redis_options.
         "redbeat_redis_url": "redis-sentinel://",
         "redbeat_redis_options": options,
