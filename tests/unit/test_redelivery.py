@@ -211,3 +211,29 @@ def test_settings_refuse_a_bound_a_live_worker_could_miss(changes, needle) -> No
         load(env(**changes))
     assert error.value.variable.startswith("CELERY_HA_REDELIVERY_")
     assert needle in str(error.value)
+
+
+def test_a_closing_channel_requeues_all_but_the_tasks_still_running(monkeypatch) -> None:
+    from celery.worker import state
+
+    class Request:
+        def __init__(self, tag: str) -> None:
+            self.message = SimpleNamespace(delivery_tag=tag)
+
+    requeued: list[str] = []
+
+    class QoS:
+        def __init__(self) -> None:
+            self._delivered = {"running": 1, "reserved": 2}
+
+        def restore_unacked(self, client: Any = None) -> list:
+            requeued.extend(self._delivered)
+            self._delivered.clear()
+            return []
+
+    qos = QoS()
+    monkeypatch.setattr(state, "active_requests", {Request("running"), Request("elsewhere")})
+    rd.keep_running_on_close(qos)
+    rd.keep_running_on_close(qos)  # once per QoS, however often the step starts
+    qos.restore_unacked()
+    assert requeued == ["reserved"]

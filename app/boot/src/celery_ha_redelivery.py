@@ -187,6 +187,46 @@ def held_tags(channel: Any) -> list[str]:
     return [t.decode() if isinstance(t, bytes) else str(t) for t in tags]
 
 
+def running_tags() -> set[str]:
+    """Delivery tags of the tasks this worker's pool accepted (they run to the end, whatever
+    happens to the broker connection)."""
+    from celery.worker import state
+
+    tags = set()
+    for request in tuple(state.active_requests):
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if tag:
+            tags.add(tag.decode() if isinstance(tag, bytes) else str(tag))
+    return tags
+
+
+def keep_running_on_close(qos: Any) -> None:
+    """When a channel closes (also on a lost broker connection: the worker then reconnects in
+    place) kombu puts every message it still holds back in its queue
+    (``QoS.restore_unacked_once``). celery drops the reserved ones but lets its pool finish the
+    tasks it already accepted: requeued, those would run a second time, on a live worker, after
+    every failover. They stay in the unacked hash instead: this worker keeps refreshing them
+    and acks them when they finish; if it dies meanwhile, a sweep hands them out."""
+    if getattr(qos, "_celery_ha_keeps_running", False):
+        return
+    original = qos.restore_unacked
+
+    def restore_unacked(*args: Any, **kwargs: Any) -> Any:
+        running = running_tags() & set(qos._delivered)
+        for tag in running:
+            qos._delivered.pop(tag, None)
+        if running:
+            logger.warning(
+                "redelivery: %d running task(s) keep their messages (not requeued): %s",
+                len(running),
+                ", ".join(sorted(running)),
+            )
+        return original(*args, **kwargs)
+
+    qos.restore_unacked = restore_unacked
+    qos._celery_ha_keeps_running = True
+
+
 class RefreshThread(threading.Thread):
     """The fallback when the event loop cannot serve: its own connection, its own channel."""
 
@@ -242,6 +282,7 @@ class RedeliveryStep(bootsteps.StartStopStep):
         if not hasattr(channel, "unacked_index_key"):
             logger.warning("redelivery: the broker transport is not Redis; nothing to do")
             return
+        keep_running_on_close(channel.qos)
         if self.logic is None:
             self.logic = Redelivery(
                 self.timeout,
