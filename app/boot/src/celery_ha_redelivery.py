@@ -283,6 +283,10 @@ class RedeliveryStep(bootsteps.StartStopStep):
             logger.warning("redelivery: the broker transport is not Redis; nothing to do")
             return
         keep_running_on_close(channel.qos)
+        if self.logic is not None:
+            # A restart of the consumer means a lost broker connection: sweep only once this
+            # worker's refreshes have gone through again for a while (others reconnect too).
+            self.logic.healthy_since = None
         if self.logic is None:
             self.logic = Redelivery(
                 self.timeout,
