@@ -17,9 +17,11 @@ from redis.sentinel import Sentinel
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "app" / "boot" / "src"))
 
-from celery_ha_settings import BEAT_KEY_PREFIX  # noqa: E402
+from celery_ha_settings import beat_key_prefix  # noqa: E402
 
-LOCK_KEY = BEAT_KEY_PREFIX + "lock"
+# The lab's app (celery_app_module's default).
+KEYS = beat_key_prefix("celery_ha_app")
+LOCK_KEY = KEYS + "lock"
 BEAT_ENV = "/etc/celery-ha/beat.env"
 DEFAULT_LOCK_TIMEOUT = 30
 MASTER_NAME = "celery-ha"
@@ -94,7 +96,7 @@ def test_exactly_one_beat_holds_the_lock(lab, lab_groups, beat_master) -> None:
 
 def test_beat_user_reaches_only_its_own_keys(beat_master) -> None:
     # What redbeat reads (the sample app's reminder is in the schedule), and nothing else.
-    entries = beat_master.zrangebyscore(BEAT_KEY_PREFIX + ":schedule", "-inf", "+inf")
+    entries = beat_master.zrangebyscore(KEYS + ":schedule", "-inf", "+inf")
     assert any(b"reminder" in e for e in entries), entries
     with pytest.raises(redis.exceptions.NoPermissionError):
         beat_master.get("unacked_index")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 
 import pytest
-from celery_ha_settings import BEAT_KEY_PREFIX, SettingsError, load
+from celery_ha_settings import BEAT_KEY_PREFIX, SettingsError, beat_key_prefix, load
 from test_settings import env
 
 BEAT = {"BEAT_REDIS_USERNAME": "beat", "BEAT_REDIS_PASSWORD": "beat-secret"}
@@ -32,8 +32,9 @@ def test_redbeat_goes_through_every_sentinel_with_its_own_user_and_tls() -> None
     assert settings["redbeat_redis_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
     assert settings["redbeat_redis_use_ssl"]["ssl_ca_certs"] == "/etc/ca.crt"
     # Keys the ACL user may touch (users.acl.j2), and a lock far below redbeat's 1500 s.
-    assert settings["redbeat_lock_key"].startswith(BEAT_KEY_PREFIX)
-    assert settings["redbeat_key_prefix"] == BEAT_KEY_PREFIX
+    assert settings["redbeat_key_prefix"] == beat_key_prefix("celery_ha_app")
+    assert settings["redbeat_key_prefix"].startswith(BEAT_KEY_PREFIX)
+    assert settings["redbeat_lock_key"] == settings["redbeat_key_prefix"] + "lock"
     assert settings["redbeat_lock_timeout"] == 30
     assert settings["beat_max_loop_interval"] == 5
     assert options["retry_period"] < settings["redbeat_lock_timeout"]
@@ -49,3 +50,11 @@ def test_a_beat_user_needs_its_password() -> None:
     with pytest.raises(SettingsError) as error:
         load(env(BEAT_REDIS_USERNAME="beat"))
     assert error.value.variable == "CELERY_HA_BEAT_REDIS_PASSWORD"
+
+
+def test_two_apps_on_one_cluster_get_their_own_lock_and_schedule() -> None:
+    one = load(env(**BEAT))
+    other = load(env(**BEAT, APP="inventory_app.worker:inventory"))
+    assert one["redbeat_lock_key"] != other["redbeat_lock_key"]
+    assert one["redbeat_key_prefix"] != other["redbeat_key_prefix"]
+    assert other["redbeat_key_prefix"].startswith(BEAT_KEY_PREFIX)

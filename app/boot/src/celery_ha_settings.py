@@ -235,11 +235,19 @@ def parse_task_routes(
     return parsed
 
 
+# The beat ACL user may touch these keys only (redis role, users.acl.j2).
 BEAT_KEY_PREFIX = "celery-ha:beat:"
+
+
+def beat_key_prefix(app_name: str) -> str:
+    """redbeat's keys of one app: two apps on one cluster must not share a lock (only one of
+    their beats would run) nor a schedule (each beat drops the entries it does not know)."""
+    return f"{BEAT_KEY_PREFIX}{app_name.replace(':', '.')}:"
 
 
 def _beat(
     env: _Env,
+    app_name: str,
     sentinels: list[tuple[str, int]],
     master_name: str,
     db: int,
@@ -284,8 +292,8 @@ def _beat(
         # Only the prefix is looked at: the Sentinels come from redbeat_redis_options.
         "redbeat_redis_url": "redis-sentinel://",
         "redbeat_redis_options": options,
-        "redbeat_key_prefix": BEAT_KEY_PREFIX,
-        "redbeat_lock_key": BEAT_KEY_PREFIX + "lock",
+        "redbeat_key_prefix": beat_key_prefix(app_name),
+        "redbeat_lock_key": beat_key_prefix(app_name) + "lock",
         "redbeat_lock_timeout": lock_timeout,
     }
     if master_tls:
@@ -453,6 +461,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     settings.update(
         _beat(
             env,
+            app_name,
             sentinels,
             master_name,
             broker_db,
