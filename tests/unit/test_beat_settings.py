@@ -58,3 +58,16 @@ def test_two_apps_on_one_cluster_get_their_own_lock_and_schedule() -> None:
     assert one["redbeat_lock_key"] != other["redbeat_lock_key"]
     assert one["redbeat_key_prefix"] != other["redbeat_key_prefix"]
     assert other["redbeat_key_prefix"].startswith(BEAT_KEY_PREFIX)
+
+
+def test_supervisors_beat_reads_beat_env_after_celery_env(tmp_path) -> None:
+    from celery_ha_exec import environment
+
+    (tmp_path / "celery.env").write_text("CELERY_HA_APP=x\nCELERY_HA_BEAT_LOCK_TIMEOUT=99\n")
+    (tmp_path / "beat.env").write_text("CELERY_HA_BEAT_REDIS_USERNAME=beat\n")
+    env = environment("beat", None, {}, config_dir=tmp_path)
+    assert env["CELERY_HA_BEAT_REDIS_USERNAME"] == "beat"
+    assert env["CELERY_HA_BEAT_LOCK_TIMEOUT"] == "99"
+    # Workers never see beat's secret.
+    (tmp_path / "worker-a.env").write_text("CELERY_HA_WORKER_QUEUES=a\n")
+    assert "CELERY_HA_BEAT_REDIS_USERNAME" not in environment("worker", "a", {}, tmp_path)
