@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ssl
 
+import celery_ha_boot  # noqa: F401 - connects its beat_init receiver
+
 import pytest
 from celery_ha_settings import BEAT_KEY_PREFIX, SettingsError, beat_key_prefix, load
 from test_settings import env
@@ -71,3 +73,25 @@ def test_supervisors_beat_reads_beat_env_after_celery_env(tmp_path) -> None:
     # Workers never see beat's secret.
     (tmp_path / "worker-a.env").write_text("CELERY_HA_WORKER_QUEUES=a\n")
     assert "CELERY_HA_BEAT_REDIS_USERNAME" not in environment("worker", "a", {}, tmp_path)
+
+
+def test_a_standby_beat_connects_its_producer_before_waiting_for_the_lock() -> None:
+    from types import SimpleNamespace
+
+    from celery import signals
+
+    connected = []
+
+    class RedBeatLike:
+        __module__ = "redbeat.schedulers"
+
+        @property
+        def producer(self) -> object:
+            connected.append(True)
+            return object()
+
+    signals.beat_init.send(sender=SimpleNamespace(scheduler=RedBeatLike()))
+    assert connected == [True]
+    # celery's own file scheduler keeps connecting lazily.
+    signals.beat_init.send(sender=SimpleNamespace(scheduler=SimpleNamespace()))
+    assert connected == [True]
