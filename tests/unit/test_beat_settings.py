@@ -5,7 +5,6 @@ from __future__ import annotations
 import ssl
 
 import celery_ha_boot  # noqa: F401 - connects its beat_init receiver
-
 import pytest
 from celery_ha_settings import BEAT_KEY_PREFIX, SettingsError, beat_key_prefix, load
 from test_settings import env
