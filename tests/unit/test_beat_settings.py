@@ -75,9 +75,11 @@ def test_supervisors_beat_reads_beat_env_after_celery_env(tmp_path) -> None:
 
 
 def test_a_standby_beat_connects_its_producer_before_waiting_for_the_lock() -> None:
-    from types import SimpleNamespace
-
     from celery import signals
+
+    class Service:  # a signal's sender must be hashable
+        def __init__(self, scheduler: object) -> None:
+            self.scheduler = scheduler
 
     connected = []
 
@@ -89,8 +91,8 @@ def test_a_standby_beat_connects_its_producer_before_waiting_for_the_lock() -> N
             connected.append(True)
             return object()
 
-    signals.beat_init.send(sender=SimpleNamespace(scheduler=RedBeatLike()))
+    signals.beat_init.send(sender=Service(RedBeatLike()))
     assert connected == [True]
     # celery's own file scheduler keeps connecting lazily.
-    signals.beat_init.send(sender=SimpleNamespace(scheduler=SimpleNamespace()))
+    signals.beat_init.send(sender=Service(object()))
     assert connected == [True]
