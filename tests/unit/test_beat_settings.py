@@ -96,3 +96,20 @@ def test_a_standby_beat_connects_its_producer_before_waiting_for_the_lock() -> N
     # celery's own file scheduler keeps connecting lazily.
     signals.beat_init.send(sender=Service(object()))
     assert connected == [True]
+
+
+def test_sentinel_errors_do_not_carry_the_passwords() -> None:
+    from redis.sentinel import MasterNotFoundError, Sentinel
+
+    # Loopback port 1: refused at once, as a dead Sentinel would be after its timeout.
+    sentinel = Sentinel(
+        [("127.0.0.1", 1)],
+        sentinel_kwargs={"password": "s3cret-sentinel", "socket_connect_timeout": 0.5},
+        password="s3cret-redis",
+    )
+    with pytest.raises(MasterNotFoundError) as error:
+        sentinel.discover_master("celery")
+    text = str(error.value)
+    assert "No master found" in text
+    assert "s3cret" not in text
+    assert error.value.__cause__ is None and error.value.__suppress_context__

@@ -16,6 +16,7 @@ The app is named by CELERY_HA_APP, in the same syntax as ``celery -A`` (``pkg.mo
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import celery_ha_redelivery
@@ -23,6 +24,7 @@ import celery_ha_settings
 from celery import Celery, signals
 from celery.app.utils import find_app
 from celery_ha_settings import SettingsError
+from redis import sentinel
 
 # `app` is provided lazily by __getattr__ below.
 __all__ = ["boot"]
@@ -80,6 +82,30 @@ def _connect_standby_beat(sender: object = None, **_: object) -> None:
 
 
 signals.beat_init.connect(_connect_standby_beat, weak=False)
+
+_PASSWORD_RE = re.compile(r"(password=)[^,)>\s]*")
+
+
+def _hide_passwords_in_sentinel_errors() -> None:
+    """redis-py's MasterNotFoundError carries the repr of every Sentinel client it asked,
+    passwords in clear (LAB-NOTES), and beat, the workers and the result backend log it. Raised
+    again with the passwords masked, and without the original chained to it."""
+    original = sentinel.Sentinel.discover_master
+    if getattr(original, "_celery_ha_masked", False):
+        return
+
+    def discover_master(self: sentinel.Sentinel, service_name: str) -> object:
+        try:
+            return original(self, service_name)
+        except sentinel.MasterNotFoundError as exc:
+            masked = _PASSWORD_RE.sub(r"\1***", str(exc))
+            raise sentinel.MasterNotFoundError(masked) from None
+
+    discover_master._celery_ha_masked = True  # type: ignore[attr-defined]
+    sentinel.Sentinel.discover_master = discover_master  # type: ignore[method-assign]
+
+
+_hide_passwords_in_sentinel_errors()
 
 _app: Celery | None = None
 
