@@ -16,12 +16,15 @@ The app is named by CELERY_HA_APP, in the same syntax as ``celery -A`` (``pkg.mo
 from __future__ import annotations
 
 import os
+import re
 import sys
 
+import celery_ha_redelivery
 import celery_ha_settings
-from celery import Celery
+from celery import Celery, signals
 from celery.app.utils import find_app
 from celery_ha_settings import SettingsError
+from redis import sentinel
 
 # `app` is provided lazily by __getattr__ below.
 __all__ = ["boot"]
@@ -62,8 +65,47 @@ def boot(environ: dict[str, str] | None = None) -> Celery:
             own_list = [own]
         settings["task_routes"] = [routes, *own_list]
     found.conf.update(settings)
+    # Workers refresh the messages they hold, so a dead worker's are redelivered in about a
+    # minute while a live worker's long task never is (celery_ha_redelivery).
+    celery_ha_redelivery.install(found)
     return found
 
+
+def _connect_standby_beat(sender: object = None, **_: object) -> None:
+    """A standby beat waits for redbeat's lock inside beat_init (redbeat's receiver, connected
+    after this one). Connect its broker producer first: otherwise the first publish after a
+    takeover builds the connection then, and with the dead host first in the Sentinel list that
+    costs a connect timeout per discovery (seen: 16 s) on top of the lock's expiry."""
+    scheduler = getattr(sender, "scheduler", None)
+    if scheduler is not None and type(scheduler).__module__.startswith("redbeat"):
+        scheduler.producer  # noqa: B018 - a cached property: connecting is the point
+
+
+signals.beat_init.connect(_connect_standby_beat, weak=False)
+
+_PASSWORD_RE = re.compile(r"(password=)[^,)>\s]*")
+
+
+def _hide_passwords_in_sentinel_errors() -> None:
+    """redis-py's MasterNotFoundError carries the repr of every Sentinel client it asked,
+    passwords in clear (LAB-NOTES), and beat, the workers and the result backend log it. Raised
+    again with the passwords masked, and without the original chained to it."""
+    original = sentinel.Sentinel.discover_master
+    if getattr(original, "_celery_ha_masked", False):
+        return
+
+    def discover_master(self: sentinel.Sentinel, service_name: str) -> object:
+        try:
+            return original(self, service_name)
+        except sentinel.MasterNotFoundError as exc:
+            masked = _PASSWORD_RE.sub(r"\1***", str(exc))
+            raise sentinel.MasterNotFoundError(masked) from None
+
+    discover_master._celery_ha_masked = True  # type: ignore[attr-defined]
+    sentinel.Sentinel.discover_master = discover_master  # type: ignore[method-assign]
+
+
+_hide_passwords_in_sentinel_errors()
 
 _app: Celery | None = None
 

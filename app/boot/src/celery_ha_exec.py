@@ -1,8 +1,8 @@
 """``celery-ha-exec worker NAME | beat | flower``: what supervisord runs.
 
 supervisord has no EnvironmentFile=, so this does what systemd does for the units: read
-/etc/celery-ha/celery.env (plus worker-NAME.env or flower.env) with systemd's rules, put the
-values in the environment, then exec the SAME celery command line as the unit, so the
+/etc/celery-ha/celery.env (plus worker-NAME.env, beat.env or flower.env) with systemd's rules,
+put the values in the environment, then exec the SAME celery command line as the unit, so the
 process supervisord watches is celery itself (its PID, its signals).
 
 The command lines here must match systemd/*.service ExecStart= word for word;
@@ -131,6 +131,8 @@ def environment(
     files = [config_dir / "celery.env"]
     if kind == "worker":
         files.append(config_dir / f"worker-{instance}.env")
+    elif kind == "beat":
+        files.append(config_dir / "beat.env")
     elif kind == "flower":
         files.append(config_dir / "flower.env")
     env = base

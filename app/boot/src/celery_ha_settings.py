@@ -235,6 +235,72 @@ def parse_task_routes(
     return parsed
 
 
+# The beat ACL user may touch these keys only (redis role, users.acl.j2).
+BEAT_KEY_PREFIX = "celery-ha:beat:"
+
+
+def beat_key_prefix(app_name: str) -> str:
+    """redbeat's keys of one app: two apps on one cluster must not share a lock (only one of
+    their beats would run) nor a schedule (each beat drops the entries it does not know)."""
+    return f"{BEAT_KEY_PREFIX}{app_name.replace(':', '.')}:"
+
+
+def _beat(
+    env: _Env,
+    app_name: str,
+    sentinels: list[tuple[str, int]],
+    master_name: str,
+    db: int,
+    socket_timeout: float,
+    sentinel_kwargs: dict[str, Any],
+    master_tls: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """celery-redbeat on beat hosts (only they have CELERY_HA_BEAT_*): the schedule and the
+    lock that keeps all beats but one on standby live in the cluster's Redis, reached through
+    the Sentinels with beat's own ACL user (ansible/roles/celery/README.md)."""
+    username = env.string("BEAT_REDIS_USERNAME")
+    if username is None:
+        return {}
+    password = env.required("BEAT_REDIS_PASSWORD")
+    lock_timeout = env.integer("BEAT_LOCK_TIMEOUT", 30, minimum=5)
+    max_interval = env.integer("BEAT_MAX_INTERVAL", 5, minimum=1)
+    if lock_timeout < 3 * max_interval:
+        # The active beat renews the lock once per tick, at most max_interval apart.
+        raise SettingsError(
+            PREFIX + "BEAT_LOCK_TIMEOUT",
+            f"must be at least 3 x CELERY_HA_BEAT_MAX_INTERVAL ({lock_timeout} < "
+            f"3 x {max_interval}): the active beat would lose its lock between two ticks",
+        )
+    options: dict[str, Any] = {
+        "sentinels": sentinels,
+        "service_name": master_name,
+        "db": db,
+        "username": username,
+        "password": password,
+        # redbeat passes no connect timeout; redis-py then uses socket_timeout for both.
+        "socket_timeout": socket_timeout,
+        "sentinel_kwargs": dict(sentinel_kwargs),
+        # Retry a lost master for less than the lock lasts: an active beat cut off longer
+        # exits (and comes back as a standby) instead of holding on past its lock.
+        "retry_period": max(1, lock_timeout // 2),
+    }
+    beat: dict[str, Any] = {
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        # celery 5.6's name for the longest sleep between ticks (beat.Scheduler reads
+        # beat_max_loop_interval); redbeat renews its lock once per tick.
+        "beat_max_loop_interval": max_interval,
+        # Only the prefix is looked at: the Sentinels come from redbeat_redis_options.
+        "redbeat_redis_url": "redis-sentinel://",
+        "redbeat_redis_options": options,
+        "redbeat_key_prefix": beat_key_prefix(app_name),
+        "redbeat_lock_key": beat_key_prefix(app_name) + "lock",
+        "redbeat_lock_timeout": lock_timeout,
+    }
+    if master_tls:
+        beat["redbeat_redis_use_ssl"] = dict(master_tls)
+    return beat
+
+
 def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Celery settings (lowercase names) from the CELERY_HA_* variables of ``environ``.
 
@@ -288,6 +354,24 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         raise SettingsError(
             PREFIX + "VISIBILITY_TIMEOUT",
             f"must be above CELERY_HA_TASK_TIME_LIMIT ({visibility_timeout} <= {task_time_limit})",
+        )
+
+    # Redelivery of a dead worker's messages (celery_ha_redelivery): live workers refresh
+    # what they hold every REDELIVERY_INTERVAL s, and what nobody refreshed is handed out
+    # again within REDELIVERY_TIMEOUT s. VISIBILITY_TIMEOUT stays kombu's own backstop.
+    redelivery_timeout = env.number("REDELIVERY_TIMEOUT", 60.0, minimum=1.0)
+    redelivery_interval = env.number("REDELIVERY_INTERVAL", 10.0, minimum=0.5)
+    from celery_ha_redelivery import check_bound
+
+    try:
+        check_bound(redelivery_timeout, redelivery_interval)
+    except ValueError as exc:
+        raise SettingsError(PREFIX + "REDELIVERY_TIMEOUT", str(exc)) from None
+    if redelivery_timeout >= visibility_timeout:
+        raise SettingsError(
+            PREFIX + "REDELIVERY_TIMEOUT",
+            f"must be below CELERY_HA_VISIBILITY_TIMEOUT ({redelivery_timeout:g} >= "
+            f"{visibility_timeout}), the backstop for clients that do not refresh",
         )
 
     # Timeouts for a LAN (README, "Failover"): a connect takes well under a millisecond there,
@@ -400,6 +484,20 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         master_tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         settings["broker_use_ssl"] = dict(master_tls)
         settings["redis_backend_use_ssl"] = dict(master_tls)
+    settings["celery_ha_redelivery_timeout"] = redelivery_timeout
+    settings["celery_ha_redelivery_interval"] = redelivery_interval
+    settings.update(
+        _beat(
+            env,
+            app_name,
+            sentinels,
+            master_name,
+            broker_db,
+            socket_timeout,
+            sentinel_kwargs,
+            settings.get("broker_use_ssl"),
+        )
+    )
     if task_time_limit is not None:
         settings["task_time_limit"] = task_time_limit
     if compression is not None:

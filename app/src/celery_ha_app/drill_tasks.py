@@ -51,6 +51,17 @@ def ledger_record(self: Task, ledger_id: str, run_id: str, sleep_s: float = 0.0)
     return ledger_id
 
 
+@app.task(bind=True, name="drills.beat_tick")
+def beat_tick(self: Task, run_id: str) -> str:
+    """One run of the beat drill's periodic entry. The ledger id carries the time beat sent it
+    (ms) and the task id: two beats sending the same run make two ids, one message redelivered
+    makes the same id twice."""
+    sent = self.request.get("celery_ha_sent_at") or "0"
+    ledger_id = f"{run_id}-{int(float(sent) * 1000)}-{self.request.id}"
+    _append("D", ledger_id, run_id, self.request.hostname or "unknown")
+    return ledger_id
+
+
 @app.task(name="drills.noop")
 def noop() -> None:
     """Does nothing: throughput benchmarks measure the plumbing, not the work."""
