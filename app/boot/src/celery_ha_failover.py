@@ -375,7 +375,6 @@ class FailoverWatcher:
         self.master: tuple[str, int] | None = None
         # Counts the switches acted on; discovery waits for it to move.
         self.generation = 0
-        self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._switched = threading.Condition()
 
@@ -389,9 +388,6 @@ class FailoverWatcher:
             )
             thread.start()
             self._threads.append(thread)
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def wait_for_switch(self, generation: int, timeout: float) -> None:
         """Sleep up to ``timeout`` s, less if a switch after ``generation`` is announced."""
@@ -428,12 +424,12 @@ class FailoverWatcher:
 
     def _follow(self, host: str, port: int) -> None:
         source = f"{host}:{port}"
-        while not self._stop.is_set():
+        while True:
             client = redis.Redis(host=host, port=port, **self.kwargs)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(SWITCH_CHANNEL)
-                while not self._stop.is_set():
+                while True:
                     message = pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
                         data = message["data"]
@@ -448,7 +444,7 @@ class FailoverWatcher:
                     client.close()
                 except Exception:
                     pass
-            self._stop.wait(self.retry_interval)
+            time.sleep(self.retry_interval)
 
 
 # ---------------------------------------------------------------------------------------
