@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-import celery_ha_boot  # noqa: F401 - connects its beat_init receiver
+import celery_ha_boot  # also connects its beat_init receiver
 import pytest
 from celery_ha_settings import BEAT_KEY_PREFIX, SettingsError, beat_key_prefix, load
 from test_settings import env
@@ -113,3 +113,30 @@ def test_sentinel_errors_do_not_carry_the_passwords() -> None:
     assert "No master found" in text
     assert "s3cret" not in text
     assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def test_redbeat_gets_the_failover_aware_client(tmp_path, monkeypatch) -> None:
+    from celery_ha_failover import FastSentinel, TrackedConnectionPool
+    from redbeat.schedulers import RetryingConnection, get_redis
+    from test_boot import user_app
+
+    name = user_app(tmp_path, monkeypatch, "from celery import Celery\napp = Celery('u')\n")
+    app = celery_ha_boot.boot(env(**BEAT, **TLS, APP=name, CONNECT_TIMEOUT="0.3"))
+    client = get_redis(app)
+    # redbeat's own wrapper, kept for its retry_period, with a short fixed pause.
+    assert isinstance(client, RetryingConnection)
+    assert client.retry_kwargs["wait"].wait_fixed == pytest.approx(0.2)
+    pool = client.wrapped_connection.connection_pool
+    assert isinstance(pool, TrackedConnectionPool)
+    assert isinstance(pool.sentinel_manager, FastSentinel)
+    assert pool.sentinel_manager.master_wait == 10.0
+    kwargs = pool.connection_kwargs
+    assert (kwargs["username"], kwargs["password"]) == ("beat", "beat-secret")
+    assert kwargs["decode_responses"] is True
+    assert kwargs["socket_connect_timeout"] == pytest.approx(0.3)
+    assert kwargs["ssl_ca_certs"] == "/etc/ca.crt"
+    assert pool.connection_class.__name__.startswith("SentinelManagedSSL")
+    # No beat variables (a worker): redbeat is left alone.
+    worker = user_app(tmp_path, monkeypatch, "from celery import Celery\napp = Celery('w')\n")
+    other = celery_ha_boot.boot(env(APP=worker))
+    assert getattr(other, "redbeat_redis", None) is None

@@ -106,6 +106,17 @@ def test_discovery_does_not_wait_for_a_dead_first_sentinel() -> None:
     assert time.monotonic() - started < 0.3
 
 
+def test_a_majority_naming_no_master_is_not_held_up_by_a_dead_sentinel() -> None:
+    # Mid-election: the live Sentinels see the old master down, the dead one never answers.
+    dead = FakeSentinelClient("10.0.0.11", redis.exceptions.TimeoutError("timed out"), delay=0.4)
+    alive = [FakeSentinelClient(h, {"celery": state("10.0.0.11", 1, down=True)}) for h in "bc"]
+    started = time.monotonic()
+    with pytest.raises(MasterNotFoundError):
+        fast_sentinel([dead, *alive]).discover_master("celery")
+    # The caller then waits for +switch-master (test below), not for the dead Sentinel.
+    assert time.monotonic() - started < 0.3
+
+
 def test_master_not_found_names_no_secret() -> None:
     clients = [
         FakeSentinelClient("10.0.0.11", redis.exceptions.ConnectionError("refused")),

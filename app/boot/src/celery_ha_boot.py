@@ -19,6 +19,7 @@ import os
 import re
 import sys
 
+import celery_ha_failover
 import celery_ha_redelivery
 import celery_ha_settings
 from celery import Celery, signals
@@ -68,6 +69,8 @@ def boot(environ: dict[str, str] | None = None) -> Celery:
     # Workers refresh the messages they hold, so a dead worker's are redelivered in about a
     # minute while a live worker's long task never is (celery_ha_redelivery).
     celery_ha_redelivery.install(found)
+    if "redbeat_redis_options" in settings:
+        celery_ha_failover.use_for_redbeat(found)
     return found
 
 
