@@ -39,7 +39,14 @@ sys.path.insert(0, str(REPO / "tests" / "drills"))
 
 import redis  # noqa: E402
 from cluster import Cluster, Lab, parse_recap  # noqa: E402
-from drillkit import Load, earliest_switch, expected_workers, make_master, wait_healthy  # noqa: E402
+from drillkit import (  # noqa: E402
+    Load,
+    earliest_switch,
+    expected_workers,
+    make_master,
+    wait_healthy,
+    wait_new_master,
+)
 from ledger import NOOP_TASK, longest_gap, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench-results"
@@ -291,16 +298,10 @@ def failover_once(c: Cluster, workers: list[str], first_sentinel: bool) -> dict[
     if first_sentinel:
         make_master(c, c.lab.host_of(c.sentinels[0][0]), workers)
     master = wait_healthy(c, workers)
-    others = [h for h in c.sentinel_hosts if h != master]
     with Load(c, "bench-fo") as load:
         t_crash = time.time()
         c.lab.run("crash", master)
-
-        def elected() -> bool:
-            named = {v for v in c.sentinel_views(others).values() if v}
-            return len(named) == 1 and c.addresses[master] not in named
-
-        wait_until(elected, 180, interval=0.2, what="a new master")
+        wait_new_master(c, master, timeout=180)
         load.wait_done_after(time.time(), count=40, what="tasks on the new master")
         t_end = time.time()
         c.lab.run("start", master, timeout=300)

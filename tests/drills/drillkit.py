@@ -224,6 +224,20 @@ def earliest_switch(c: Cluster, since: float, hosts: list[str] | None = None) ->
     return min(found) if found else None
 
 
+def wait_new_master(c: Cluster, old: str, timeout: float = 120) -> str:
+    """The host that every Sentinel but old's names as master once it is not ``old``."""
+    others = [h for h in c.sentinel_hosts if h != old]
+
+    def elected() -> str | None:
+        named = {v for v in c.sentinel_views(others).values() if v}
+        if len(named) == 1 and c.addresses[old] not in named:
+            return c.lab.host_of(named.pop())
+        return None
+
+    # Sentinel retries a split vote after 2 x failover-timeout: well inside the default bound.
+    return str(wait_until(elected, timeout, interval=0.2, what="a new master"))
+
+
 def make_master(c: Cluster, host: str, workers: list[str]) -> None:
     """Fail over (SENTINEL FAILOVER) until ``host`` is the master, then wait for health.
 

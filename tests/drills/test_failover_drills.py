@@ -42,6 +42,7 @@ from drillkit import (
     restore_lab,
     say,
     wait_healthy,
+    wait_new_master,
 )
 from ledger import RECORD_TASK, Ledger, Producer, longest_gap, new_run_id, wait_until
 
@@ -88,16 +89,7 @@ class Drill:
         say(f"{what} at {time.strftime('%T')}")
 
     def wait_new_master(self, old: str) -> str:
-        others = [h for h in self.c.sentinel_hosts if h != old]
-
-        def elected() -> str | None:
-            named = {v for v in self.c.sentinel_views(others).values() if v}
-            if len(named) == 1 and self.c.addresses[old] not in named:
-                return self.c.lab.host_of(named.pop())
-            return None
-
-        # Sentinel retries a split vote after 2 x failover-timeout: well inside this bound.
-        new = str(wait_until(elected, 120, interval=0.2, what="a new master"))
+        new = wait_new_master(self.c, old)
         say(f"new master {new}")
         return new
 

@@ -64,6 +64,15 @@ class LabInventory:
     def secret(self, name: str) -> str:
         return (self.lab_dir / "secrets" / name).read_text().strip()
 
+    def script_env(self) -> dict[str, str]:
+        """Environment for tests/lab/lab on this lab: the script finds hosts by LAB_NET, so a
+        caller that set only LAB_DIR must not act on another lab on the default subnet."""
+        env = dict(os.environ, LAB_DIR=str(self.lab_dir))
+        first = next(iter(self.addresses.values()), None)
+        if "LAB_NET" not in os.environ and first:
+            env["LAB_NET"] = first.rsplit(".", 1)[0]
+        return env
+
     def tls_kwargs(self) -> dict:
         """TLS arguments for a direct redis-py client ({} without TLS)."""
         return tls_kwargs(self.lab_dir / "secrets")

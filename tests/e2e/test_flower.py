@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
@@ -214,7 +213,7 @@ def master_llen(client: redis.Redis, queue: str) -> int:
 def lab_cmd(*args: str) -> None:
     subprocess.run(
         [str(REPO / "tests" / "lab" / "lab"), *args],
-        env=dict(os.environ, LAB_DIR=str(LAB_DIR)),
+        env=LabInventory(LAB_DIR).script_env(),
         check=True,
         capture_output=True,
         text=True,

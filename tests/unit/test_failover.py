@@ -231,6 +231,7 @@ def test_not_master_replies() -> None:
 def test_not_master_replies_become_connection_errors_as_they_are_read() -> None:
     class Connection:
         disconnected = False
+        host, port = "10.0.0.11", 6379
 
         def __init__(self, reply: Exception) -> None:
             self.reply = reply
@@ -251,6 +252,37 @@ def test_not_master_replies_become_connection_errors_as_they_are_read() -> None:
     with pytest.raises(redis.exceptions.ResponseError) as err:
         wrong.read_response()
     assert not isinstance(err.value, failover.NotMasterError) and not wrong.disconnected
+
+
+def test_a_master_that_refused_writes_is_not_reconnected_to_until_the_switch(
+    monkeypatch: pytest.MonkeyPatch, watchers: list[failover.FailoverWatcher]
+) -> None:
+    class Connection:
+        host, port = "10.0.0.11", 6379
+
+    attempts: list[float] = []
+
+    def get_connection(self, *args: object, **kwargs: object) -> Connection:
+        attempts.append(time.monotonic())
+        return Connection()
+
+    monkeypatch.setattr(failover.SentinelConnectionPool, "get_connection", get_connection)
+    monkeypatch.setattr(failover.SentinelConnectionPool, "release", lambda self, c: None)
+    # Pauses far longer than the test: only the announcement can end the wait early.
+    monkeypatch.setattr(failover, "REFUSED_PAUSE", 10.0)
+    monkeypatch.setattr(failover, "_refused", {})
+    manager = fast_sentinel([FakeSentinelClient("a", {})], master_wait=5.0)
+    monkeypatch.setattr(manager, "poll_interval", 3.0)
+    pool = failover.TrackedConnectionPool("celery", manager)
+    pool.get_connection()  # creates the (never started) watcher
+    attempts.clear()
+    failover.mark_refused("10.0.0.11", 6379)  # a NOREPLICAS just read from it
+    threading.Timer(0.3, watchers[0].handle, ("a", "celery 10.0.0.12 6379 10.0.0.11 6379")).start()
+    started = time.monotonic()
+    assert isinstance(pool.get_connection(), Connection)
+    assert 0.3 <= time.monotonic() - started < 0.8
+    assert len(attempts) == 2, "reconnected to the refusing master in a loop"
+    assert failover.refused_ago("10.0.0.11", 6379) is None
 
 
 def test_bundle_settings_select_the_failover_classes() -> None:

@@ -83,6 +83,29 @@ _connections: weakref.WeakSet[redis.connection.AbstractConnection] = weakref.Wea
 _connections_lock = threading.Lock()
 
 
+# Masters that have just answered as unable to take writes, with when (monotonic clock). A
+# connection attempt to one of them within REFUSED_PAUSE s fails at once, so the caller waits
+# for the Sentinels (woken by +switch-master) instead of reconnecting to it in a tight loop:
+# an isolated master refuses every write for seconds before the switch, which would burn
+# kombu's and celery's counted retries and leave the switch to be noticed only after their
+# next sleep. Forgotten at every switch.
+_refused: dict[tuple[str, int], float] = {}
+REFUSED_PAUSE = 0.5
+
+
+def mark_refused(host: str, port: int) -> None:
+    _refused[(str(host), int(port))] = time.monotonic()
+
+
+def refused_ago(host: str, port: int) -> float | None:
+    """Seconds since (host, port) refused a write, if less than REFUSED_PAUSE ago."""
+    when = _refused.get((str(host), int(port)))
+    if when is None:
+        return None
+    ago = time.monotonic() - when
+    return ago if ago < REFUSED_PAUSE else None
+
+
 class _NotMasterAware:
     """Turns the replies of a master that cannot take writes into NotMasterError as they are
     read, before redis-py wraps them (a pipeline's error text starts with "Command # 1"), so
@@ -93,6 +116,7 @@ class _NotMasterAware:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
         except redis.exceptions.ResponseError as exc:
             if not_master(exc):
+                mark_refused(self.host, self.port)  # type: ignore[attr-defined]
                 self.disconnect()  # type: ignore[attr-defined]
                 raise NotMasterError(str(exc)) from exc
             raise
@@ -132,8 +156,19 @@ class TrackedConnectionPool(SentinelConnectionPool):
         # one attempt that waits for it (woken by +switch-master) resumes at once instead.
         manager = self.sentinel_manager
         watcher = FailoverWatcher.ensure(manager, self.service_name)
+
+        def attempt() -> Any:
+            connection = super(TrackedConnectionPool, self).get_connection(*args, **kwargs)
+            ago = refused_ago(connection.host, connection.port)
+            if ago is not None:
+                self.release(connection)
+                raise NotMasterError(
+                    f"{connection.host}:{connection.port} refused writes {ago:.1f} s ago"
+                )
+            return connection
+
         return wait_for_master(
-            lambda: super(TrackedConnectionPool, self).get_connection(*args, **kwargs),
+            attempt,
             watcher,
             getattr(manager, "master_wait", 0.0),
             getattr(manager, "poll_interval", 1.0),
@@ -406,6 +441,7 @@ class FailoverWatcher:
                 return
             self.master = new
             self.generation += 1
+            _refused.clear()
             self._switched.notify_all()
         cut = self.on_switch(new)
         log.warning(
@@ -503,6 +539,9 @@ class SentinelChannel(kombu_redis.SentinelChannel):
             pipe.execute_command("WAIT", self.publish_wait_replicas, self.publish_wait_timeout)
             _, acked = pipe.execute()
         if int(acked) < self.publish_wait_replicas:
+            master = getattr(client.connection_pool, "master_address", None)
+            if master:
+                mark_refused(*master)
             # The master took it but no replica has it: an isolated old master discards it
             # when it rejoins. Publishing again may run the task twice (the retry carries the
             # same task id), never zero times.
