@@ -94,6 +94,9 @@ def watchers(monkeypatch: pytest.MonkeyPatch) -> list[failover.FailoverWatcher]:
         return made[0]
 
     monkeypatch.setattr(failover.FailoverWatcher, "ensure", classmethod(ensure))
+    monkeypatch.setattr(
+        failover.FailoverWatcher, "find", classmethod(lambda cls, s, n: made[0] if made else None)
+    )
     return made
 
 
@@ -106,15 +109,31 @@ def test_discovery_does_not_wait_for_a_dead_first_sentinel() -> None:
     assert time.monotonic() - started < 0.3
 
 
-def test_a_majority_naming_no_master_is_not_held_up_by_a_dead_sentinel() -> None:
+def test_a_switch_announced_during_discovery_ends_the_wait_for_a_dead_sentinel(
+    watchers: list[failover.FailoverWatcher],
+) -> None:
     # Mid-election: the live Sentinels see the old master down, the dead one never answers.
     dead = FakeSentinelClient("10.0.0.11", redis.exceptions.TimeoutError("timed out"), delay=0.4)
     alive = [FakeSentinelClient(h, {"celery": state("10.0.0.11", 1, down=True)}) for h in "bc"]
+    manager = fast_sentinel([dead, *alive])
+    watchers.append(failover.FailoverWatcher([], {}, "celery", on_switch=lambda n: 0))
     started = time.monotonic()
-    with pytest.raises(MasterNotFoundError):
-        fast_sentinel([dead, *alive]).discover_master("celery")
-    # The caller then waits for +switch-master (test below), not for the dead Sentinel.
-    assert time.monotonic() - started < 0.3
+    threading.Timer(0.1, watchers[0].handle, ("b", "celery 10.0.0.11 6379 10.0.0.12 6379")).start()
+    with pytest.raises(MasterNotFoundError, match="announced meanwhile"):
+        manager.discover_master("celery")
+    # The caller retries at once (its wait sees the switch), not after the dead one's 0.4 s.
+    assert 0.1 <= time.monotonic() - started < 0.3
+
+
+def test_a_straggler_that_heard_the_switch_is_waited_for() -> None:
+    # The isolated Sentinel trusts the old master; another still sees it down; the third,
+    # a little slower, already follows the new master of a higher epoch.
+    clients = [
+        FakeSentinelClient("10.0.0.13", {"celery": state("10.0.0.13", 1)}),
+        FakeSentinelClient("10.0.0.12", {"celery": state("10.0.0.13", 1, down=True)}),
+        FakeSentinelClient("10.0.0.11", {"celery": state("10.0.0.11", 2)}, delay=0.05),
+    ]
+    assert fast_sentinel(clients).discover_master("celery") == ("10.0.0.11", 6379)
 
 
 def test_master_not_found_names_no_secret() -> None:
@@ -141,8 +160,8 @@ def test_a_connection_attempt_waits_for_the_switch_not_for_its_next_retry() -> N
             raise redis.exceptions.TimeoutError("Timeout connecting to server")
         return "connected"
 
-    threading.Timer(0.3, watcher.handle, ("a", "celery 10.0.0.11 6379 10.0.0.12 6379")).start()
     started = time.monotonic()
+    threading.Timer(0.3, watcher.handle, ("a", "celery 10.0.0.11 6379 10.0.0.12 6379")).start()
     # Polling every 3 s: only the announcement can end the wait this early.
     assert failover.wait_for_master(attempt, watcher, wait=5.0, poll=3.0) == "connected"
     assert 0.3 <= time.monotonic() - started < 0.8
@@ -248,6 +267,13 @@ def test_not_master_replies_become_connection_errors_as_they_are_read() -> None:
     with pytest.raises(failover.NotMasterError):
         refused.read_response()
     assert refused.disconnected, "a refusing master's connection must not be reused"
+    assert failover.refused_ago("10.0.0.11", 6379) is not None
+    failover._refused.clear()
+    loading = aware(redis.exceptions.ResponseError("LOADING Redis is loading the dataset"))
+    with pytest.raises(failover.NotMasterError):
+        loading.read_response()
+    # A restarting master is tried again at once: it is not waiting for a switch.
+    assert failover.refused_ago("10.0.0.11", 6379) is None
     wrong = aware(redis.exceptions.ResponseError("WRONGTYPE Operation against a key"))
     with pytest.raises(redis.exceptions.ResponseError) as err:
         wrong.read_response()
@@ -277,8 +303,8 @@ def test_a_master_that_refused_writes_is_not_reconnected_to_until_the_switch(
     pool.get_connection()  # creates the (never started) watcher
     attempts.clear()
     failover.mark_refused("10.0.0.11", 6379)  # a NOREPLICAS just read from it
-    threading.Timer(0.3, watchers[0].handle, ("a", "celery 10.0.0.12 6379 10.0.0.11 6379")).start()
     started = time.monotonic()
+    threading.Timer(0.3, watchers[0].handle, ("a", "celery 10.0.0.12 6379 10.0.0.11 6379")).start()
     assert isinstance(pool.get_connection(), Connection)
     assert 0.3 <= time.monotonic() - started < 0.8
     assert len(attempts) == 2, "reconnected to the refusing master in a loop"

@@ -22,8 +22,9 @@ Here, per process:
   announces a new master, every socket of this process to any other address is shut down, so
   the blocked BRPOP, publish or result write fails at once and its retry finds the new master.
 - :class:`SentinelTransport` (kombu) and :class:`SentinelBackend` (celery) use both, and
-  treat the replies of a demoted or isolated master (READONLY, NOREPLICAS, MASTERDOWN, LOADING)
-  as a reason to reconnect and retry, not as a failed publish or a FAILURE result.
+  treat the replies of a demoted, isolated or loading master (READONLY, NOREPLICAS,
+  MASTERDOWN, LOADING) as a reason to reconnect and retry, not as a failed publish or a
+  FAILURE result.
 - Publishes may wait for a replica's acknowledgement (``WAIT``): a task that an isolated old
   master accepted and then threw away when it rejoined is then retried, not lost.
 
@@ -62,6 +63,9 @@ log = logging.getLogger("celery_ha.failover")
 SWITCH_CHANNEL = "+switch-master"
 # Replies of a server that is no longer (or cannot act as) the master: retry elsewhere.
 NOT_MASTER_REPLIES = ("READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING")
+# Of those, the ones that last until Sentinel acts: LOADING ends by itself within a second or
+# so of a restart, and is retried at once.
+UNTIL_SWITCH_REPLIES = ("READONLY", "NOREPLICAS", "MASTERDOWN")
 
 
 class NotMasterError(redis.exceptions.ConnectionError):
@@ -83,7 +87,8 @@ _connections: weakref.WeakSet[redis.connection.AbstractConnection] = weakref.Wea
 _connections_lock = threading.Lock()
 
 
-# Masters that have just answered as unable to take writes, with when (monotonic clock). A
+# Masters that have just answered as unable to take writes until Sentinel acts
+# (UNTIL_SWITCH_REPLIES, or no replica acknowledged a publish), with when (monotonic clock). A
 # connection attempt to one of them within REFUSED_PAUSE s fails at once, so the caller waits
 # for the Sentinels (woken by +switch-master) instead of reconnecting to it in a tight loop:
 # an isolated master refuses every write for seconds before the switch, which would burn
@@ -116,7 +121,8 @@ class _NotMasterAware:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
         except redis.exceptions.ResponseError as exc:
             if not_master(exc):
-                mark_refused(self.host, self.port)  # type: ignore[attr-defined]
+                if str(exc).startswith(UNTIL_SWITCH_REPLIES):
+                    mark_refused(self.host, self.port)  # type: ignore[attr-defined]
                 self.disconnect()  # type: ignore[attr-defined]
                 raise NotMasterError(str(exc)) from exc
             raise
@@ -329,23 +335,34 @@ class FastSentinel(Sentinel):
         answers: list[dict[str, Any]] = []
         errors: list[str] = []
         deadline = time.monotonic() + self._ask_timeout
-        # A majority's answer is enough, master or none: a dead Sentinel is not waited for.
-        # When the majority names no usable master (an election is running), waiting for a
-        # straggler costs a dead Sentinel's whole timeout (seen: 0.5 s after the switch), and
-        # the watcher wakes the caller the moment any Sentinel announces the new master.
+        watcher = FailoverWatcher.find(self, service_name)
+        generation = None if watcher is None else watcher.generation
+        # A majority that names a master is enough: a dead Sentinel is not waited for.
+        # Otherwise the stragglers may know better (one that heard the switch first, while
+        # the others still name the old master, or one cut off beside it trusts it), so they
+        # are waited for, but not past a +switch-master announced meanwhile: a dead
+        # Sentinel's timeout would then delay the retry that finds the new master (0.5 s).
         while len(answers) + len(errors) < len(self.sentinels):
-            try:
-                client, reply = replies.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 errors.append("no answer from the others in time")
                 break
+            try:
+                client, reply = replies.get(timeout=left if watcher is None else min(left, 0.02))
+            except queue.Empty:
+                if watcher is not None and watcher.generation != generation:
+                    errors.append("a new master was announced meanwhile")
+                    return None, errors, len(answers)
+                continue
             if isinstance(reply, Exception):
                 # Not repr(client): its connection pool's repr holds the password.
                 errors.append(f"{_address(client)}: {type(reply).__name__}: {reply}")
                 continue
             answers.append(reply)
             if len(answers) >= majority:
-                break
+                master = choose_master(answers, service_name, self.min_other_sentinels)
+                if master is not None:
+                    return master, errors, len(answers)
         return choose_master(answers, service_name, self.min_other_sentinels), errors, len(answers)
 
     def discover_master(self, service_name: str) -> tuple[str, int]:
@@ -383,9 +400,18 @@ class FailoverWatcher:
     # How long a broken Sentinel link waits before it is tried again (s).
     retry_interval = 1.0
 
+    @staticmethod
+    def _key(sentinel: FastSentinel, service_name: str) -> tuple[int, str, tuple]:
+        return (os.getpid(), service_name, tuple(sentinel._sentinel_addresses))
+
+    @classmethod
+    def find(cls, sentinel: FastSentinel, service_name: str) -> FailoverWatcher | None:
+        """This process's watcher of that cluster, if a connection pool has started one."""
+        return cls._instances.get(cls._key(sentinel, service_name))
+
     @classmethod
     def ensure(cls, sentinel: FastSentinel, service_name: str) -> FailoverWatcher:
-        key = (os.getpid(), service_name, tuple(sentinel._sentinel_addresses))
+        key = cls._key(sentinel, service_name)
         with cls._lock:
             watcher = cls._instances.get(key)
             if watcher is None:
