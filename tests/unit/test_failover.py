@@ -136,6 +136,22 @@ def test_a_straggler_that_heard_the_switch_is_waited_for() -> None:
     assert fast_sentinel(clients).discover_master("celery") == ("10.0.0.11", 6379)
 
 
+def test_after_a_controlled_failover_stale_sentinels_do_not_win(
+    watchers: list[failover.FailoverWatcher],
+) -> None:
+    # SENTINEL FAILOVER: the old master is alive; two Sentinels answer first with the old view.
+    clients = [
+        FakeSentinelClient("10.0.0.11", {"celery": state("10.0.0.11", 1)}),
+        FakeSentinelClient("10.0.0.12", {"celery": state("10.0.0.11", 1)}),
+        FakeSentinelClient("10.0.0.13", {"celery": state("10.0.0.12", 2)}, delay=0.05),
+    ]
+    manager = fast_sentinel(clients)
+    assert manager.discover_master("celery") == ("10.0.0.11", 6379)  # no switch heard
+    watchers.append(failover.FailoverWatcher([], {}, "celery", on_switch=lambda n: 0))
+    watchers[0].handle("c", "celery 10.0.0.11 6379 10.0.0.12 6379")
+    assert manager.discover_master("celery") == ("10.0.0.12", 6379)
+
+
 def test_master_not_found_names_no_secret() -> None:
     clients = [
         FakeSentinelClient("10.0.0.11", redis.exceptions.ConnectionError("refused")),

@@ -337,11 +337,15 @@ class FastSentinel(Sentinel):
         deadline = time.monotonic() + self._ask_timeout
         watcher = FailoverWatcher.find(self, service_name)
         generation = None if watcher is None else watcher.generation
+        announced = None if watcher is None else watcher.recent_master()
         # A majority that names a master is enough: a dead Sentinel is not waited for.
         # Otherwise the stragglers may know better (one that heard the switch first, while
         # the others still name the old master, or one cut off beside it trusts it), so they
         # are waited for, but not past a +switch-master announced meanwhile: a dead
         # Sentinel's timeout would then delay the retry that finds the new master (0.5 s).
+        # Likewise when the majority names another master than the one just announced: after
+        # a controlled failover the old master is alive, and Sentinels that have not heard of
+        # the switch yet still name it (a connection there would be refused as READONLY).
         while len(answers) + len(errors) < len(self.sentinels):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -361,7 +365,7 @@ class FastSentinel(Sentinel):
             answers.append(reply)
             if len(answers) >= majority:
                 master = choose_master(answers, service_name, self.min_other_sentinels)
-                if master is not None:
+                if master is not None and announced in (None, master):
                     return master, errors, len(answers)
         return choose_master(answers, service_name, self.min_other_sentinels), errors, len(answers)
 
@@ -392,6 +396,11 @@ class FastSentinel(Sentinel):
 # ---------------------------------------------------------------------------------------
 # The watcher
 # ---------------------------------------------------------------------------------------
+# How long after a +switch-master its master is trusted over Sentinels that still name
+# another (s): long enough for every Sentinel to hear of the switch (about a second).
+RECENT_SWITCH = 10.0
+
+
 class FailoverWatcher:
     """One per process and cluster: a thread per Sentinel, subscribed to +switch-master."""
 
@@ -433,6 +442,7 @@ class FailoverWatcher:
         self.service_name = service_name
         self.on_switch = on_switch
         self.master: tuple[str, int] | None = None
+        self.announced_at = float("-inf")  # monotonic time of the last switch acted on
         # Counts the switches acted on; discovery waits for it to move.
         self.generation = 0
         self._threads: list[threading.Thread] = []
@@ -448,6 +458,12 @@ class FailoverWatcher:
             )
             thread.start()
             self._threads.append(thread)
+
+    def recent_master(self) -> tuple[str, int] | None:
+        """The master announced in the last RECENT_SWITCH s, if any."""
+        if time.monotonic() - self.announced_at < RECENT_SWITCH:
+            return self.master
+        return None
 
     def wait_for_switch(self, generation: int, timeout: float) -> None:
         """Sleep up to ``timeout`` s, less if a switch after ``generation`` is announced."""
@@ -466,6 +482,7 @@ class FailoverWatcher:
             if self.master == new:
                 return
             self.master = new
+            self.announced_at = time.monotonic()
             self.generation += 1
             _refused.clear()
             self._switched.notify_all()
