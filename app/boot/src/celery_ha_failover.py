@@ -17,7 +17,8 @@ a socket to the dead master fails by itself, and then ask the Sentinels one by o
 Here, per process:
 
 - :class:`FastSentinel` asks every Sentinel at once, takes the answer of the highest
-  config-epoch from the first majority to reply, and raises errors that name no secret.
+  config-epoch from the first majority to reply (or the master a Sentinel has just announced,
+  over stragglers that have not heard of it yet), and raises errors that name no secret.
 - :class:`FailoverWatcher` subscribes to ``+switch-master`` on every Sentinel; when one
   announces a new master, every socket of this process to any other address is shut down, so
   the blocked BRPOP, publish or result write fails at once and its retry finds the new master.
@@ -27,6 +28,7 @@ Here, per process:
   FAILURE result.
 - Publishes may wait for a replica's acknowledgement (``WAIT``): a task that an isolated old
   master accepted and then threw away when it rejoined is then retried, not lost.
+- :func:`use_for_redbeat` gives beat's lock and schedule (celery-redbeat) the same client.
 
 :func:`install` registers the transport and backend under the ``sentinel`` scheme, so
 ``sentinel://`` URLs (and Flower, which reads them) stay as they are. Upstream: the secret in
