@@ -68,7 +68,7 @@ e2e: venv ## end-to-end tasks through the Sentinels, Flower, the browser
 drills: venv ## fault drills on the lab (needs a deployed lab)
 	$(BIN)/pytest -q -s tests/drills
 
-test: deps lint unit ## everything: lint, unit, then lab up, deploy, idempotence, testinfra, e2e, drills, lab down
+test: deps lint unit ## everything: lint, unit, the Debian 12 lab (deploy, idempotence, testinfra, e2e, drills), then a Debian 13 lab with Valkey
 	tests/suite.sh
 
 demo: deps ## raise the lab, deploy the whole stack, run sample tasks, show how to open Flower

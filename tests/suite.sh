@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
 # The lab half of `make test`: raise the lab, converge it twice (the second run must change
 # nothing), prove every host with testinfra, run the end-to-end tests and the fault drills.
-# The lab is torn down at the end, also on failure, unless KEEP_LAB=1.
+# Then the same bundle on Debian 13 with Valkey, AFTER the Debian 12 lab is down (the labs
+# share the machine's cores): deploy, re-run, testinfra, the end-to-end tasks (node3 runs its
+# worker under supervisor there too) and the master-crash drill.
+# Each lab is torn down at the end, also on failure, unless KEEP_LAB=1.
+#
+# SUITE_PARTS picks the parts (default "bookworm trixie"). The Debian 13 lab has its own
+# folder, subnet and bridge, so that with KEEP_LAB=1 both labs can stay up side by side:
+# TRIXIE_LAB_DIR (default $LAB_DIR-trixie), TRIXIE_LAB_NET (10.88.13), TRIXIE_LAB_BRIDGE (chabr0t).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH=$PWD/.venv/bin:$PATH
 LAB=tests/lab/lab
-INVENTORY=${LAB_DIR:-$PWD/.lab}/inventory.ini
+export LAB_DIR=${LAB_DIR:-$PWD/.lab}
+INVENTORY=$LAB_DIR/inventory.ini
+SUITE_PARTS=${SUITE_PARTS:-bookworm trixie}
+LAB_IS_UP=0
 
 teardown() {
     local rc=$?
-    if [[ ${KEEP_LAB:-0} == 1 ]]; then
-        echo "suite: KEEP_LAB=1, the lab stays up ($LAB status)"
+    if ((LAB_IS_UP == 0)); then
+        :
+    elif [[ ${KEEP_LAB:-0} == 1 ]]; then
+        echo "suite: KEEP_LAB=1, the lab in $LAB_DIR stays up ($LAB status)"
     else
         $LAB down || true
     fi
@@ -23,17 +35,58 @@ step() { printf '\n===== %s (%s)\n' "$1" "$(date +%T)"; }
 
 # Two hosts outside the cluster: node4 (in the inventory, no cluster group) gets the second
 # app; node5 is in no inventory at all, the stranger the firewall must keep out.
-step "lab up";        $LAB up 5
+lab_up() { LAB_IS_UP=1; step "lab up ($1)"; $LAB up 5; }
+
 # The first run is the one that generates and ships every secret: run it at -vvv, keep the
 # output, and prove that none of the passwords or keys is in it.
-step "deploy (-vvv)"
-DEPLOY_LOG=${LAB_DIR:-$PWD/.lab}/deploy-vvv.log
-ansible-playbook -vvv -i "$INVENTORY" ansible/site.yml >"$DEPLOY_LOG" 2>&1 ||
-    { tail -n 200 "$DEPLOY_LOG"; echo "suite: deploy failed, whole output in $DEPLOY_LOG"; exit 1; }
-sed -n '/^PLAY RECAP/,$p' "$DEPLOY_LOG"
-step "secret search"; tests/secret_search.py "$DEPLOY_LOG" "${LAB_DIR:-$PWD/.lab}/secrets"
-step "idempotence";   tests/idempotence.sh -i "$INVENTORY" ansible/site.yml
-step "check mode";    tests/idempotence.sh -i "$INVENTORY" ansible/site.yml --check --diff
-step "testinfra";     pytest -q -n 4 tests/infra --hosts=ansible://all --ansible-inventory="$INVENTORY"
-step "end to end";    pytest -q --durations=8 tests/e2e tests/browser
-step "fault drills";  pytest -q -s tests/drills
+deploy_and_converge() {
+    step "deploy (-vvv)"
+    local log=$LAB_DIR/deploy-vvv.log
+    ansible-playbook -vvv -i "$INVENTORY" ansible/site.yml >"$log" 2>&1 ||
+        { tail -n 200 "$log"; echo "suite: deploy failed, whole output in $log"; exit 1; }
+    sed -n '/^PLAY RECAP/,$p' "$log"
+    step "secret search"; tests/secret_search.py "$log" "$LAB_DIR/secrets"
+    step "idempotence";   tests/idempotence.sh -i "$INVENTORY" ansible/site.yml
+}
+
+lab_down() {
+    if [[ ${KEEP_LAB:-0} == 1 ]]; then
+        echo "suite: KEEP_LAB=1, the lab in $LAB_DIR stays up"
+    else
+        step "lab down"; $LAB down
+    fi
+    LAB_IS_UP=0
+}
+
+if [[ " $SUITE_PARTS " == *" bookworm "* ]]; then
+    export LAB_SUITE=bookworm
+    lab_up "Debian 12, ${LAB_NET:-10.88.0}.0/24"
+    deploy_and_converge
+    step "check mode";    tests/idempotence.sh -i "$INVENTORY" ansible/site.yml --check --diff
+    step "testinfra";     pytest -q -n 4 tests/infra --hosts=ansible://all --ansible-inventory="$INVENTORY"
+    step "end to end";    pytest -q --durations=8 tests/e2e tests/browser
+    step "fault drills";  pytest -q -s tests/drills
+    lab_down
+fi
+
+if [[ " $SUITE_PARTS " == *" trixie "* ]]; then
+    # Debian 13's default flavor is Valkey (cluster_redis_flavor): the lab sets nothing, so the
+    # default itself is what is tested. testinfra checks Valkey's own units, paths and user.
+    export LAB_SUITE=trixie LAB_DIR=${TRIXIE_LAB_DIR:-$LAB_DIR-trixie}
+    export LAB_NET=${TRIXIE_LAB_NET:-10.88.13} LAB_BRIDGE=${TRIXIE_LAB_BRIDGE:-chabr0t}
+    unset LAB_TAG
+    INVENTORY=$LAB_DIR/inventory.ini
+    lab_up "Debian 13, Valkey, $LAB_NET.0/24"
+    deploy_and_converge
+    step "testinfra";     pytest -q -n 4 tests/infra --hosts=ansible://all --ansible-inventory="$INVENTORY"
+    # The tasks through the Sentinels (both process managers), Flower and its login, the
+    # firewall from a stranger, the refused flavor switch. TLS rotation, the second app and the browser stay Debian 12's.
+    step "end to end";    pytest -q --durations=8 tests/e2e/test_sample_app.py tests/e2e/test_flower.py tests/e2e/test_firewall.py \
+        tests/e2e/test_flavor.py
+    # The crash of the master's host in the state of a fresh deployment (it is every client's
+    # first Sentinel), with its figures next to Debian 12's.
+    step "master-crash drill"
+    DRILLS_RESULTS=${DRILLS_RESULTS_TRIXIE:-test-artifacts/drills-trixie.json} \
+        pytest -q -s tests/drills/test_failover_drills.py -k failover1
+    lab_down
+fi

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import celery_ha_settings  # noqa: E402
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
+from labflavor import lab_flavor  # noqa: E402
 from labtls import tls_env, tls_kwargs  # noqa: E402
 from ledger import DEFAULT_LEDGER_DIR, RECORD_TASK, Ledger  # noqa: E402
 from redis.sentinel import Sentinel  # noqa: E402
@@ -171,6 +172,8 @@ class Cluster:
         self.worker_hosts = lab.group("celery_workers")
         self.redis_hosts = lab.group("redis")
         self.sentinel_hosts = lab.group("sentinel")
+        # Redis or Valkey: the units the drills stop, kill and read the journal of.
+        self.flavor = lab_flavor(lab.lab_dir)
         # The hosts' certificate paths mean nothing here: the controller is the operator.
         self.env = self._read_env() | tls_env(lab.lab_dir / "secrets")
         self.tls = tls_kwargs(lab.lab_dir / "secrets")

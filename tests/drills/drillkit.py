@@ -211,7 +211,7 @@ def earliest_switch(c: Cluster, since: float, hosts: list[str] | None = None) ->
     for host in hosts or c.sentinel_hosts:
         out = c.lab.ssh(
             host,
-            f"journalctl -u redis-sentinel --since @{since:.3f} -o short-unix --no-pager "
+            f"journalctl -u {c.flavor.sentinel_unit} --since @{since:.3f} -o short-unix --no-pager "
             "| grep -F '+switch-master' || true",
             check=False,
             timeout=20,

@@ -171,15 +171,14 @@ def test_failover3_sigkill_master_redis_server(
     c = drill_cluster
     master = wait_healthy(c, workers)
     with Drill(c, "f3-kill", master) as drill:
-        pid = c.lab.ssh(master, "systemctl show -p MainPID --value redis-server").strip()
-        drill.fault(
-            lambda: c.lab.ssh(master, f"kill -KILL {pid}"), f"SIGKILLed redis-server on {master}"
-        )
+        unit = c.flavor.server_unit
+        pid = c.lab.ssh(master, f"systemctl show -p MainPID --value {unit}").strip()
+        drill.fault(lambda: c.lab.ssh(master, f"kill -KILL {pid}"), f"SIGKILLed {unit} on {master}")
         # systemd restarts it within a second, long before Sentinel's down-after: the same
         # master comes back with its data (AOF), and no failover is expected.
         wait_until(
             lambda: (
-                c.lab.ssh(master, "systemctl show -p MainPID --value redis-server").strip()
+                c.lab.ssh(master, f"systemctl show -p MainPID --value {unit}").strip()
                 not in ("", "0", pid)
             ),
             60,

@@ -149,21 +149,21 @@ def test_drill4_sentinels_down(
     stopped: list[str] = []
     try:
         with Load(c, "d4-sent") as load:
-            lab.ssh(first_down, "systemctl stop redis-sentinel")
+            lab.ssh(first_down, f"systemctl stop {c.flavor.sentinel_unit}")
             stopped.append(first_down)
             t1 = time.time()
             say(f"one Sentinel down ({first_down})")
             load.wait_done_after(t1, count=int(RATE * 8), what="tasks flowing, one Sentinel down")
             assert c.master_host(exclude=stopped) == master, "a failover happened"
 
-            lab.ssh(second_down, "systemctl stop redis-sentinel")
+            lab.ssh(second_down, f"systemctl stop {c.flavor.sentinel_unit}")
             stopped.append(second_down)
             t2 = time.time()
             say(f"two Sentinels down ({first_down}, {second_down}); {survivor} alone")
             load.wait_done_after(t2, count=int(RATE * 8), what="tasks flowing, two down")
             flowing_2down = len(load.done_after(t2))
 
-            lab.ssh(master, "systemctl stop redis-server")
+            lab.ssh(master, f"systemctl stop {c.flavor.server_unit}")
             t3 = time.time()
             say(f"master Redis on {master} stopped with only {survivor}'s Sentinel up")
             # Wait well past down-after-milliseconds + failover time: nothing may change.
@@ -181,7 +181,7 @@ def test_drill4_sentinels_down(
             assert stalled == 0, "tasks completed with the master down and no failover"
 
             for host in stopped:
-                lab.ssh(host, "systemctl start redis-sentinel")
+                lab.ssh(host, f"systemctl start {c.flavor.sentinel_unit}")
             t4 = time.time()
             stopped.clear()
             say("Sentinels back: a majority can now fail over")
@@ -198,7 +198,7 @@ def test_drill4_sentinels_down(
                 f"failover {t5 - t4:.1f} s after the Sentinels returned; flow resumed "
                 f"{first - t3:.1f} s after the master stopped"
             )
-            lab.ssh(master, "systemctl start redis-server")
+            lab.ssh(master, f"systemctl start {c.flavor.server_unit}")
             wait_until(
                 lambda: c.role_of(master) == "replica:connected",
                 180,
@@ -208,8 +208,8 @@ def test_drill4_sentinels_down(
             report = load.finish(gap_from=t3)
     finally:
         for host in stopped:
-            lab.ssh(host, "systemctl start redis-sentinel", check=False)
-        lab.ssh(master, "systemctl start redis-server", check=False)
+            lab.ssh(host, f"systemctl start {c.flavor.sentinel_unit}", check=False)
+        lab.ssh(master, f"systemctl start {c.flavor.server_unit}", check=False)
     record(
         drill_figures,
         "4 sentinels down",

@@ -77,6 +77,20 @@ def tls(secrets_dir: Path) -> dict:
     return tls_kwargs(secrets_dir)
 
 
+@pytest.fixture
+def flavor(host, lab_dir: Path):
+    """The server this host must run (labflavor.Flavor): the lab's cluster_redis_flavor, else
+    the documented default of the host's Debian release, read from its /etc/os-release."""
+    import sys
+
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+    from labflavor import flavor_for_release
+
+    release = host.run(". /etc/os-release && echo $VERSION_ID").stdout.strip()
+    return flavor_for_release(int(release), lab_dir)
+
+
 @pytest.fixture(scope="session")
 def secret(secrets_dir: Path):
     """secret('redis_celery_password') -> the generated value (fails if missing)."""

@@ -12,13 +12,8 @@ import pytest
 import redis
 
 REDIS_PORT = 6379
-CONFIG_FILES = (
-    "/etc/redis/redis.conf",
-    "/etc/redis/celery-ha.conf",
-    "/etc/redis/celery-ha-auth.conf",
-    "/etc/redis/celery-ha-static.conf",
-    "/etc/redis/users.acl",
-)
+# In the flavor's config folder (/etc/redis or /etc/valkey); None = its main file.
+CONFIG_FILES = (None, "celery-ha.conf", "celery-ha-auth.conf", "celery-ha-static.conf", "users.acl")
 
 
 @pytest.fixture
@@ -70,21 +65,40 @@ def info_replication(client: redis.Redis) -> dict[str, object]:
 # -- packages, unit, files -------------------------------------------------------------
 
 
-def test_packages_installed(host, redis_host: str) -> None:
-    for name in ("redis-server", "redis-tools"):
+def test_packages_installed(host, redis_host: str, flavor) -> None:
+    for name in (flavor.server_package, flavor.tools_package):
         assert host.package(name).is_installed, name
 
 
-def test_unit_enabled_and_running(host, redis_host: str) -> None:
-    service = host.service("redis-server")
+def test_unit_enabled_and_running(host, redis_host: str, flavor) -> None:
+    service = host.service(flavor.server_unit)
     assert service.is_enabled
     assert service.is_running
-    # Debian's own hardened Type=notify unit, not a replacement.
-    unit = host.run("systemctl show -p Type -p FragmentPath redis-server.service").stdout
+    # Debian's own hardened Type=notify unit, not a replacement, running the flavor's own
+    # binary as its own user.
+    unit = host.run(
+        f"systemctl show -p Type -p FragmentPath -p User -p ExecStart {flavor.server_unit}"
+    ).stdout
     assert "Type=notify" in unit
-    assert "FragmentPath=/lib/systemd/system/redis-server.service" in unit or (
-        "FragmentPath=/usr/lib/systemd/system/redis-server.service" in unit
+    assert f"FragmentPath=/lib/systemd/system/{flavor.server_unit}" in unit or (
+        f"FragmentPath=/usr/lib/systemd/system/{flavor.server_unit}" in unit
     )
+    assert f"User={flavor.user}\n" in unit
+    assert f"path={flavor.server_binary} " in unit
+    pid = host.run(f"systemctl show -p MainPID --value {flavor.server_unit}").stdout.strip()
+    assert host.run(f"ps -o user= -p {pid}").stdout.strip() == flavor.user
+
+
+def test_valkey_without_redis_named_shims(host, redis_host: str, flavor) -> None:
+    """Valkey runs as itself: no redis package, unit, command, user or folder stands in."""
+    if flavor.name != "valkey":
+        pytest.skip("the host runs Redis")
+    for package in ("redis-server", "redis-tools", "redis-sentinel", "valkey-redis-compat"):
+        assert not host.package(package).is_installed, package
+    for path in ("/usr/bin/redis-server", "/usr/bin/redis-cli", "/etc/redis", "/var/lib/redis"):
+        assert not host.file(path).exists, path
+    assert not host.user("redis").exists
+    assert host.run("systemctl cat redis-server.service").rc != 0
 
 
 def test_listens_only_on_loopback_and_cluster_address(
@@ -103,27 +117,28 @@ def test_listens_only_on_loopback_and_cluster_address(
     assert sockets == expected
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES)
-def test_config_files_hold_secrets_privately(host, redis_host: str, path: str) -> None:
+@pytest.mark.parametrize("name", CONFIG_FILES, ids=lambda n: n or "main")
+def test_config_files_hold_secrets_privately(host, redis_host: str, name, flavor) -> None:
+    path = f"{flavor.conf_dir}/{name}" if name else flavor.server_conf
     f = host.file(path)
     assert f.exists
-    assert f.user == "redis"
-    assert f.group == "redis"
+    assert f.user == flavor.user
+    assert f.group == flavor.user
     assert f.mode & 0o007 == 0, f"{path} is world accessible: {oct(f.mode)}"
     assert f.mode & 0o137 == 0, f"{path} is more than 0640: {oct(f.mode)}"
 
 
-def test_acl_file_has_no_plaintext_password(host, redis_host: str, secret) -> None:
-    content = host.file("/etc/redis/users.acl").content_string
+def test_acl_file_has_no_plaintext_password(host, redis_host: str, secret, flavor) -> None:
+    content = host.file(f"{flavor.conf_dir}/users.acl").content_string
     for name in ("redis_admin_password", "redis_celery_password", "redis_sentinel_password"):
         assert secret(name) not in content
 
 
-def test_main_config_includes_role_settings(host, redis_host: str) -> None:
-    content = host.file("/etc/redis/redis.conf").content_string
-    assert "include /etc/redis/celery-ha-static.conf" in content
-    assert "include /etc/redis/celery-ha.conf" in content
-    assert "include /etc/redis/celery-ha-auth.conf" in content
+def test_main_config_includes_role_settings(host, redis_host: str, flavor) -> None:
+    content = host.file(flavor.server_conf).content_string
+    assert f"include {flavor.conf_dir}/celery-ha-static.conf" in content
+    assert f"include {flavor.conf_dir}/celery-ha.conf" in content
+    assert f"include {flavor.conf_dir}/celery-ha-auth.conf" in content
 
 
 def test_kernel_settings_persisted(host, redis_host: str) -> None:
@@ -290,12 +305,16 @@ def test_sentinel_user_can_monitor(redis_host: str, clients) -> None:
         ("repl-diskless-sync-delay", "0"),
         ("protected-mode", "yes"),
         ("replica-read-only", "yes"),
-        ("aclfile", "/etc/redis/users.acl"),
+        ("aclfile", "{conf_dir}/users.acl"),
+        ("dir", "{data_dir}"),
         ("supervised", "systemd"),
         ("daemonize", "no"),
     ],
 )
-def test_broker_settings_in_effect(redis_host: str, clients, name: str, expected: str) -> None:
+def test_broker_settings_in_effect(
+    redis_host: str, clients, flavor, name: str, expected: str
+) -> None:
+    expected = expected.format(conf_dir=flavor.conf_dir, data_dir=flavor.data_dir)
     assert clients[redis_host]["admin"].config_get(name)[name] == expected
 
 
@@ -390,11 +409,24 @@ def test_preflight_refuses_empty_groups(preflight, inventory_ini: str, named: st
     assert named in out
 
 
+def test_preflight_refuses_a_cluster_of_two_flavors(preflight) -> None:
+    """Hosts of both Debian releases default to different servers: the preflight names them."""
+    rc, out = preflight(
+        "[redis]\nn1 cluster_redis_flavor=valkey\nn2\nn3\n[sentinel]\nn1\nn2\nn3\n", ROLES
+    )
+    out = " ".join(out.split())
+    assert rc != 0, out[-3000:]
+    assert "cluster_redis_flavor differs" in out
+    assert "n1=valkey, n2=redis, n3=redis" in out
+
+
 # -- TLS ---------------------------------------------------------------------------------
 
 
-def test_tls_key_readable_only_by_redis(host, redis_host: str, assert_private_key_dir) -> None:
-    assert_private_key_dir(host, "/etc/redis/tls/server", "redis", "redis")
+def test_tls_key_readable_only_by_redis(
+    host, redis_host: str, flavor, assert_private_key_dir
+) -> None:
+    assert_private_key_dir(host, f"{flavor.conf_dir}/tls/server", flavor.user, flavor.user)
 
 
 def test_only_tls_listens(redis_host: str, clients) -> None:

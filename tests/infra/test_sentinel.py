@@ -54,15 +54,28 @@ def as_dict(reply) -> dict[str, str]:
     return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
-def test_package_installed(host, sentinel_host: str) -> None:
-    assert host.package("redis-sentinel").is_installed
+def test_package_installed(host, sentinel_host: str, flavor) -> None:
+    assert host.package(flavor.sentinel_package).is_installed
 
 
-def test_unit_enabled_and_running(host, sentinel_host: str) -> None:
-    service = host.service("redis-sentinel")
+def test_unit_enabled_and_running(host, sentinel_host: str, flavor) -> None:
+    service = host.service(flavor.sentinel_unit)
     assert service.is_enabled
     assert service.is_running
-    assert "Type=notify" in host.run("systemctl show -p Type redis-sentinel.service").stdout
+    unit = host.run(f"systemctl show -p Type -p User -p ExecStart {flavor.sentinel_unit}").stdout
+    assert "Type=notify" in unit
+    assert f"User={flavor.user}\n" in unit
+    assert f"path={flavor.sentinel_binary} " in unit
+    pid = host.run(f"systemctl show -p MainPID --value {flavor.sentinel_unit}").stdout.strip()
+    assert host.run(f"ps -o user= -p {pid}").stdout.strip() == flavor.user
+
+
+def test_valkey_sentinel_without_redis_named_shims(host, sentinel_host: str, flavor) -> None:
+    if flavor.name != "valkey":
+        pytest.skip("the host runs Redis")
+    assert not host.package("redis-sentinel").is_installed
+    assert not host.file("/usr/bin/redis-sentinel").exists
+    assert host.run("systemctl cat redis-sentinel.service").rc != 0
 
 
 def test_listens_only_on_loopback_and_cluster_address(
@@ -80,10 +93,10 @@ def test_listens_only_on_loopback_and_cluster_address(
     }
 
 
-def test_config_is_private_and_sentinel_owned(host, sentinel_host: str) -> None:
-    f = host.file("/etc/redis/sentinel.conf")
-    assert f.user == "redis"
-    assert f.group == "redis"
+def test_config_is_private_and_sentinel_owned(host, sentinel_host: str, flavor) -> None:
+    f = host.file(flavor.sentinel_conf)
+    assert f.user == flavor.user
+    assert f.group == flavor.user
     assert f.mode & 0o137 == 0, oct(f.mode)
     content = f.content_string
     # Written once by Ansible, then rewritten by Sentinel with its own state.
@@ -191,10 +204,10 @@ def test_preflight_refuses_a_quorum_that_is_not_a_majority(preflight, quorum: st
 
 
 def test_tls_only_and_key_readable_only_by_redis(
-    host, sentinel_host: str, assert_private_key_dir
+    host, sentinel_host: str, flavor, assert_private_key_dir
 ) -> None:
-    assert_private_key_dir(host, "/etc/redis/tls/sentinel", "redis", "redis")
-    content = host.file("/etc/redis/sentinel.conf").content_string
+    assert_private_key_dir(host, f"{flavor.conf_dir}/tls/sentinel", flavor.user, flavor.user)
+    content = host.file(flavor.sentinel_conf).content_string
     assert re.search(r"^port 0$", content, re.M)
     assert re.search(rf"^tls-port {SENTINEL_PORT}$", content, re.M)
     assert re.search(r"^tls-auth-clients yes$", content, re.M)
