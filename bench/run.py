@@ -285,7 +285,7 @@ def journal_count(c: Cluster, since: float, needle: str) -> int:
     for host in c.sentinel_hosts:
         out = c.lab.ssh(
             host,
-            f"journalctl -u redis-sentinel --since @{since:.3f} --no-pager | grep -cF -- "
+            f"journalctl -u {c.flavor.sentinel_unit} --since @{since:.3f} --no-pager | grep -cF -- "
             f"{shlex.quote(needle)} || true",
             check=False,
         )
