@@ -28,13 +28,14 @@ def rolling(
     c: Cluster,
     workers: list[str],
     figures: list[dict[str, Any]],
+    run: str,
     name: str,
     playbook: str,
     *extra: str,
 ) -> dict[str, Any]:
     master = wait_healthy(c, workers)
     before = main_pids(c)
-    with OpsDrill(c, name, c.worker_hosts[0]) as drill, DownWatch(c) as watch:
+    with OpsDrill(c, run, c.worker_hosts[0]) as drill, DownWatch(c) as watch:
         rc, _, tail = drill.operate(playbook, *extra)
         assert rc == 0, tail
         new_master = wait_healthy(c, workers)
@@ -62,6 +63,7 @@ def test_ops3_rolling_redis_upgrade(
         drill_cluster,
         workers,
         drill_figures,
+        "ops3-upgrade",
         "ops 3: rolling Redis upgrade (playbook)",
         "redis_rolling_restart.yml",
         "-e",
@@ -82,6 +84,7 @@ def test_ops3_start_only_setting_restarts_rolling(
         c,
         workers,
         drill_figures,
+        f"ops3-backlog-{backlog or 'default'}",
         f"ops 3: start-only setting, role's restart (tcp-backlog {backlog or 'default'})",
         "site.yml",
         *extra,
