@@ -52,6 +52,12 @@ def rolling(
     assert not same, f"redis-server not restarted on {same} (MainPID unchanged)"
     assert new_master != master, f"{master} stayed master: it was restarted without a failover"
     assert watch.max_down <= 1, f"two Redis servers down at once: {watch.both[:5]}"
+    # The handover relaxes min-replicas-to-write on the would-be masters: it must be back.
+    guard = {
+        h: c.redis_on(h, admin=True).config_get("min-replicas-to-write")["min-replicas-to-write"]
+        for h in c.redis_hosts
+    }
+    assert set(guard.values()) == {"1"}, f"min-replicas-to-write not restored: {guard}"
     say(f"{name}: master {master} -> {new_master}, Redis down per host {row['redis_down_s']}")
     return row
 
