@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_FORCE_COLOR ?= 0
 
-.PHONY: help venv deps lint unit lab-up lab-down deploy idempotence infra e2e browser drills test demo bench clean
+.PHONY: help venv deps lint unit lab-up lab-down deploy idempotence infra e2e browser drills soak test demo bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,6 +67,10 @@ e2e: venv ## end-to-end tasks through the Sentinels, Flower, the browser
 
 drills: venv ## fault drills on the lab (needs a deployed lab)
 	$(BIN)/pytest -q -s tests/drills
+
+# Not part of make test (too long for its 60 minutes): the day-2 operations under load.
+soak: venv ## day-2 operation drills under load, on a deployed lab (not in make test)
+	$(BIN)/pytest -q -s tests/soak
 
 test: deps lint unit ## everything: lint, unit, the Debian 12 lab (deploy, idempotence, testinfra, e2e, drills), then a Debian 13 lab with Valkey
 	tests/suite.sh
