@@ -108,9 +108,10 @@ class Lab:
         return proc.stdout
 
     def playbook(
-        self, *extra: str, timeout: float = 900
+        self, *extra: str, timeout: float = 900, name: str | None = None
     ) -> tuple[int, dict[str, dict[str, int]], str]:
-        """Run site.yml; return (rc, recap per host, tail of output)."""
+        """Run site.yml (or ``name``, a playbook under ansible/) on the lab; return (rc, recap
+        per host, tail of output)."""
         env = dict(self.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
         bindir = Path(sys.executable).parent
         env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
@@ -119,7 +120,9 @@ class Lab:
                 str(bindir / "ansible-playbook"),
                 "-i",
                 str(self.inventory),
-                os.environ.get("DRILLS_PLAYBOOK") or str(REPO / "ansible" / "site.yml"),
+                str(REPO / "ansible" / name)
+                if name
+                else os.environ.get("DRILLS_PLAYBOOK") or str(REPO / "ansible" / "site.yml"),
                 *extra,
             ],
             cwd=REPO,

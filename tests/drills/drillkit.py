@@ -12,7 +12,7 @@ import os
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cluster import Cluster
 from ledger import Ledger, Producer, Report, longest_gap, new_run_id, wait_until
@@ -222,6 +222,34 @@ def earliest_switch(c: Cluster, since: float, hosts: list[str] | None = None) ->
             except (ValueError, IndexError):
                 continue
     return min(found) if found else None
+
+
+class TwoProducers:
+    """A drill's load: the controller's producer (``load``) and one on a worker host
+    (``remote``), publishing into the same ledger; entered once both are flowing."""
+
+    def __init__(
+        self, c: Cluster, name: str, remote_host: str, remote_seconds: float = 600
+    ) -> None:
+        self.c = c
+        self.load = Load(c, name)
+        self.remote = RemoteProducer(c, remote_host, self.load.ledger)
+        self._remote_seconds = remote_seconds
+
+    def __enter__(self) -> Self:
+        self.remote.start(max_seconds=self._remote_seconds)
+        self.load.__enter__()
+
+        def remote_flowing() -> bool:
+            self.remote.collect()
+            return bool(self.remote.published_times())
+
+        wait_until(remote_flowing, 60, what=f"the producer on {self.remote.host}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.load.producer.stop()
+        self.remote.stop()
 
 
 def wait_new_master(c: Cluster, old: str, timeout: float = 120) -> str:

@@ -34,8 +34,7 @@ from celery import Celery
 from cluster import Cluster
 from drillkit import (
     RATE,
-    Load,
-    RemoteProducer,
+    TwoProducers,
     earliest_switch,
     make_master,
     record,
@@ -58,30 +57,14 @@ def other_host(c: Cluster, *not_these: str) -> str:
     return next(h for h in c.worker_hosts if h not in not_these)
 
 
-class Drill:
+class Drill(TwoProducers):
     """The load, both producers and the clocks of one failover drill."""
 
     def __init__(self, c: Cluster, name: str, target: str) -> None:
-        self.c, self.target = c, target
-        self.load = Load(c, name)
-        self.remote = RemoteProducer(c, other_host(c, target), self.load.ledger)
+        super().__init__(c, name, other_host(c, target))
+        self.target = target
         self.t_fault = 0.0
         self.t_switch: float | None = None
-
-    def __enter__(self) -> Drill:
-        self.remote.start()
-        self.load.__enter__()
-
-        def remote_flowing() -> bool:
-            self.remote.collect()
-            return bool(self.remote.published_times())
-
-        wait_until(remote_flowing, 60, what=f"the producer on {self.remote.host}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.load.producer.stop()
-        self.remote.stop()
 
     def fault(self, action: Callable[[], object], what: str) -> None:
         self.t_fault = time.time()

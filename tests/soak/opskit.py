@@ -7,16 +7,13 @@ operation adds lives here.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from cluster import REPO, Cluster, parse_recap
-from drillkit import Load, RemoteProducer, record, say
-from ledger import longest_gap, wait_until
+from cluster import Cluster
+from drillkit import TwoProducers, record, say
+from ledger import longest_gap
 
 # A regression guard, not the goal: the figures show what each operation costs.
 GAP_GUARD_S = 30.0
@@ -26,53 +23,19 @@ def run_playbook(
     c: Cluster, playbook: str, *extra: str, timeout: float = 1200
 ) -> tuple[int, dict[str, dict[str, int]], str]:
     """ansible-playbook PLAYBOOK (relative to ansible/) on the lab; (rc, recap, output tail)."""
-    env = dict(c.lab.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
-    bindir = Path(sys.executable).parent
-    env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
     t0 = time.time()
-    proc = subprocess.run(
-        [
-            str(bindir / "ansible-playbook"),
-            "-i",
-            str(c.lab.inventory),
-            str(REPO / "ansible" / playbook),
-            *extra,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    say(f"{playbook} {' '.join(extra)}: rc={proc.returncode} in {time.time() - t0:.0f} s")
-    return proc.returncode, parse_recap(proc.stdout), proc.stdout[-4000:] + proc.stderr[-2000:]
+    result = c.lab.playbook(*extra, timeout=timeout, name=playbook)
+    say(f"{playbook} {' '.join(extra)}: rc={result[0]} in {time.time() - t0:.0f} s")
+    return result
 
 
-class OpsDrill:
+class OpsDrill(TwoProducers):
     """The load around one operation: both producers, the clock, the closing checks."""
 
     def __init__(self, c: Cluster, name: str, remote_host: str) -> None:
-        self.c = c
-        self.load = Load(c, name)
-        self.remote = RemoteProducer(c, remote_host, self.load.ledger)
+        super().__init__(c, name, remote_host, remote_seconds=1500)
         self.t_op = 0.0
         self.t_op_end = 0.0
-
-    def __enter__(self) -> OpsDrill:
-        self.remote.start(max_seconds=1500)
-        self.load.__enter__()
-
-        def remote_flowing() -> bool:
-            self.remote.collect()
-            return bool(self.remote.published_times())
-
-        wait_until(remote_flowing, 60, what=f"the producer on {self.remote.host}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.load.producer.stop()
-        self.remote.stop()
 
     def operate(self, playbook: str, *extra: str) -> tuple[int, dict[str, dict[str, int]], str]:
         self.t_op = time.time()
