@@ -105,7 +105,6 @@ def command(
             "worker",
             f"--hostname={instance}@{host}",
             "--without-mingle",
-            "--without-gossip",
             f"--queues={env['CELERY_HA_WORKER_QUEUES']}",
             f"--concurrency={env['CELERY_HA_WORKER_CONCURRENCY']}",
             f"--pool={env['CELERY_HA_WORKER_POOL']}",
