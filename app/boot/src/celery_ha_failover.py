@@ -660,11 +660,8 @@ def use_for_redbeat(app: Any) -> None:
         **({"ssl": True, **tls} if isinstance(tls, dict) else {}),
     )
     client = manager.master_for(options["service_name"], db=options.get("db", 0))
-    period = options.get("retry_period")
-    if period is None:  # redbeat retries nothing then either
-        setattr(app, REDBEAT_REDIS_KEY, client)
-        return
-    retrying = RetryingConnection(period, client)
+    # celery_ha_settings always sets retry_period (less than the lock lasts).
+    retrying = RetryingConnection(options["retry_period"], client)
     retrying.retry_kwargs["wait"] = wait_fixed(REDBEAT_RETRY_WAIT)
     setattr(app, REDBEAT_REDIS_KEY, retrying)
 
