@@ -64,14 +64,30 @@ class LabInventory:
     def secret(self, name: str) -> str:
         return (self.lab_dir / "secrets" / name).read_text().strip()
 
-    def script_env(self) -> dict[str, str]:
-        """Environment for tests/lab/lab on this lab: the script finds hosts by LAB_NET, so a
-        caller that set only LAB_DIR must not act on another lab on the default subnet."""
+    def lab_cmd(self, *args: str, timeout: float = 120) -> str:
+        """tests/lab/lab VERB ... on this lab; its stdout. The script finds hosts by LAB_NET,
+        so a caller that set only LAB_DIR must not act on another lab on the default subnet:
+        it is taken from the inventory when it is not set."""
         env = dict(os.environ, LAB_DIR=str(self.lab_dir))
         first = next(iter(self.addresses.values()), None)
         if "LAB_NET" not in os.environ and first:
             env["LAB_NET"] = first.rsplit(".", 1)[0]
-        return env
+        proc = subprocess.run(
+            [str(REPO / "tests" / "lab" / "lab"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.returncode == 0, f"lab {args[:2]}: {proc.stdout}{proc.stderr}"
+        return proc.stdout
+
+    def site_yml(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        """ansible-playbook site.yml on this lab, with extra arguments; never raises on rc."""
+        playbook = [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(self.path)]
+        return run([*playbook, "ansible/site.yml", *args], timeout=timeout)
 
     def tls_kwargs(self) -> dict:
         """TLS arguments for a direct redis-py client ({} without TLS)."""

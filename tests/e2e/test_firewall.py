@@ -9,16 +9,13 @@ Needs a lab with a host outside the inventory: tests/lab/lab up 5 (the suite doe
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import socket
-import subprocess
 
 import pytest
-from e2e_lab import LAB_DIR, REPO, LabInventory, run
+from e2e_lab import LabInventory
 
-LAB = str(REPO / "tests" / "lab" / "lab")
 REDIS, SENTINEL, FLOWER, EXPORTER = 6379, 26379, 5555, 9808
 
 # Runs on a lab host: one TCP connect per target, and how it ended. A rejected port answers
@@ -38,27 +35,10 @@ print(json.dumps(out))
 """
 
 
-def lab_cmd(lab: LabInventory, *args: str, timeout: float = 120) -> str:
-    """tests/lab/lab finds hosts by LAB_NET: taken from the inventory when it is not set."""
-    net = next(iter(lab.addresses.values())).rsplit(".", 1)[0]
-    env = dict(os.environ, LAB_DIR=str(LAB_DIR), LAB_NET=os.environ.get("LAB_NET", net))
-    proc = subprocess.run(
-        [LAB, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, f"lab {args[:2]}: {proc.stdout}{proc.stderr}"
-    return proc.stdout
-
-
 def probe(lab: LabInventory, source: str, targets: list[tuple[str, int]]) -> dict:
     """{(address, port): 'open' | 'refused' | error name} for TCP connects from `source`."""
     command = f"python3 -c {shlex.quote(PROBE)} {shlex.quote(json.dumps(targets))}"
-    answers = json.loads(lab_cmd(lab, "ssh", source, command))
+    answers = json.loads(lab.lab_cmd("ssh", source, command))
     return dict(zip(targets, answers, strict=True))
 
 
@@ -75,7 +55,7 @@ def from_controller(address: str, port: int) -> str:
 @pytest.fixture(scope="module")
 def outsider(lab: LabInventory) -> str:
     """A running lab host that the inventory does not know (the last one with 5+ hosts)."""
-    hosts = [line.split()[0] for line in lab_cmd(lab, "status").splitlines() if " running " in line]
+    hosts = [line.split()[0] for line in lab.lab_cmd("status").splitlines() if " running " in line]
     strangers = [h for h in hosts if h not in lab.addresses]
     if not strangers:
         pytest.skip("no lab host outside the inventory: raise the lab with tests/lab/lab up 5")
@@ -120,13 +100,12 @@ def test_controller_reaches_redis_through_firewall_client_addresses(lab: LabInve
 def test_rerun_restores_a_table_deleted_by_hand(lab: LabInventory, outsider: str) -> None:
     host = lab.groups["redis"][0]
     target = (lab.addresses[host], REDIS)
-    lab_cmd(lab, "ssh", host, "nft delete table inet celery_ha")
+    lab.lab_cmd("ssh", host, "nft delete table inet celery_ha")
     # The unit still says active: only the kernel knows the table is gone, and the port is open.
-    assert lab_cmd(lab, "ssh", host, "systemctl is-active celery-ha-firewall").strip() == "active"
+    assert lab.lab_cmd("ssh", host, "systemctl is-active celery-ha-firewall").strip() == "active"
     assert probe(lab, outsider, [target]) == {target: "open"}
 
-    inventory = str(LAB_DIR / "inventory.ini")
-    proc = run(["ansible-playbook", "-i", inventory, "ansible/site.yml", "--limit", host])
+    proc = lab.site_yml("--limit", host)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert probe(lab, outsider, [target]) == {target: "refused"}
     # The repair is the firewall's reload, nothing else on the host.

@@ -3,7 +3,7 @@ never switched by a re-run: the preflight refuses, naming the hosts, before any 
 
 from __future__ import annotations
 
-from e2e_lab import LAB_DIR, REPO, LabInventory, run
+from e2e_lab import LAB_DIR, LabInventory
 from labflavor import lab_flavor
 
 
@@ -12,11 +12,7 @@ def test_switching_the_flavor_of_a_running_cluster_is_refused_before_any_change(
 ) -> None:
     running = lab_flavor(LAB_DIR)
     other = "redis" if running.name == "valkey" else "valkey"
-    proc = run(
-        [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(lab.path), "ansible/site.yml",
-         "-e", f"cluster_redis_flavor={other}"],
-        timeout=300,
-    )  # fmt: skip
+    proc = lab.site_yml("-e", f"cluster_redis_flavor={other}", timeout=300)
     out = " ".join((proc.stdout + proc.stderr).split())  # the message may be wrapped
     assert proc.returncode != 0, out[-3000:]
     assert f"cluster_redis_flavor is {other}" in out

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ import pytest
 import redis
 import requests
 from celery import Celery
-from e2e_lab import LAB_DIR, REPO, SENTINEL_PORT, LabInventory
+from e2e_lab import SENTINEL_PORT, LabInventory
 from redis.sentinel import Sentinel
 
 PROXY_PORT = 5555
@@ -210,17 +209,6 @@ def master_llen(client: redis.Redis, queue: str) -> int:
     return sum(int(client.llen(k)) for k in keys)
 
 
-def lab_cmd(*args: str) -> None:
-    subprocess.run(
-        [str(REPO / "tests" / "lab" / "lab"), *args],
-        env=LabInventory(LAB_DIR).script_env(),
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def exporter(base_url: str, auth: tuple[str, str]) -> dict[str, float]:
     resp = get(base_url + DEPTH_PATH, auth=auth)
     resp.raise_for_status()
@@ -291,7 +279,7 @@ def test_queue_depth_follows_the_master_through_a_failover(
     assert before[f'celery_ha_queue_depth{{queue="{probe_queue}"}}'] == llen_before
 
     old_host = host_of(lab, master[0])
-    lab_cmd("crash", old_host)
+    lab.lab_cmd("crash", old_host)
     try:
         new_master = wait_for(
             f"Sentinel to elect a new master after crashing {old_host}",
@@ -313,7 +301,7 @@ def test_queue_depth_follows_the_master_through_a_failover(
         assert llen_after == PROBE_MESSAGES, "messages lost in the failover"
         assert after[f'celery_ha_queue_depth{{queue="{probe_queue}"}}'] == llen_after
     finally:
-        lab_cmd("start", old_host)
+        lab.lab_cmd("start", old_host)
         # Leave the cluster whole for the next tests: the old master back, as a replica.
         wait_for(
             f"{old_host} to rejoin as a replica",

@@ -3,15 +3,13 @@ miss it (ansible/roles/celery/tasks/validate.yml)."""
 
 from __future__ import annotations
 
-from e2e_lab import REPO, LabInventory, run
+from e2e_lab import LabInventory
 
 CELERY_ENV = "/etc/celery-ha/celery.env"
 
 
 def _env_checksum(lab: LabInventory, host: str) -> str:
-    proc = run([str(REPO / "tests/lab/lab"), "ssh", host, f"sha256sum {CELERY_ENV}"], timeout=60)
-    assert proc.returncode == 0, proc.stderr[-500:]
-    return proc.stdout.split()[0]
+    return lab.lab_cmd("ssh", host, f"sha256sum {CELERY_ENV}", timeout=60).split()[0]
 
 
 def test_a_bound_shorter_than_four_refresh_intervals_is_refused_before_any_change(
@@ -19,9 +17,8 @@ def test_a_bound_shorter_than_four_refresh_intervals_is_refused_before_any_chang
 ) -> None:
     host = "node1"
     before = _env_checksum(lab, host)
-    proc = run(
-        [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(lab.path), "ansible/site.yml",
-         "-e", "celery_redelivery_timeout=30", "-e", "celery_redelivery_refresh_interval=10"],
+    proc = lab.site_yml(
+        "-e", "celery_redelivery_timeout=30", "-e", "celery_redelivery_refresh_interval=10",
         timeout=300,
     )  # fmt: skip
     out = proc.stdout + proc.stderr

@@ -17,7 +17,7 @@ import pytest
 import redis
 from celery import Celery
 from cryptography import x509
-from e2e_lab import REPO, LabInventory, run
+from e2e_lab import REPO, LabInventory
 from redis.sentinel import Sentinel
 
 REDIS_PORT = 6379
@@ -151,11 +151,7 @@ def test_rotation_by_rerun_keeps_the_master_and_the_work_going(
 
     # Every play but Celery's: the servers are what must reload without losing the master; a
     # client's new certificate is only a file its next connection reads (kept short for CI).
-    proc = run(
-        [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(lab.path), "ansible/site.yml",
-         "-e", "redis_tls_rotate=true", "--skip-tags", "celery"],
-        timeout=900,
-    )  # fmt: skip
+    proc = lab.site_yml("-e", "redis_tls_rotate=true", "--skip-tags", "celery", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
 
     after = {(a, p): served_serial(a, p, secrets) for a, p, _ in endpoints(lab)}
@@ -169,11 +165,7 @@ def test_rotation_by_rerun_keeps_the_master_and_the_work_going(
 def test_switching_tls_off_on_a_running_cluster_is_refused_before_any_change(
     lab: LabInventory,
 ) -> None:
-    proc = run(
-        [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(lab.path), "ansible/site.yml",
-         "-e", "redis_tls=false"],
-        timeout=300,
-    )  # fmt: skip
+    proc = lab.site_yml("-e", "redis_tls=false", timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "already run with TLS" in " ".join(out.split())  # the message may be wrapped
