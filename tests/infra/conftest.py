@@ -207,3 +207,24 @@ def assert_private_key_dir():
         assert host.run(f"runuser -u nobody -- cat {directory}/cert.key").rc != 0
 
     return check
+
+
+@pytest.fixture(scope="session")
+def assert_flavor_unit():
+    """assert_flavor_unit(host, unit, user, binary): the service is enabled and running from
+    Debian's own Type=notify unit, its process the flavor's own binary as its own user.
+    Returns `systemctl show` of Type, FragmentPath, User and ExecStart for further checks."""
+
+    def check(host, unit: str, user: str, binary: str) -> str:
+        service = host.service(unit)
+        assert service.is_enabled
+        assert service.is_running
+        shown = host.run(f"systemctl show -p Type -p FragmentPath -p User -p ExecStart {unit}")
+        assert "Type=notify" in shown.stdout
+        assert f"User={user}\n" in shown.stdout
+        assert f"path={binary} " in shown.stdout
+        pid = host.run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
+        assert host.run(f"ps -o user= -p {pid}").stdout.strip() == user
+        return shown.stdout
+
+    return check

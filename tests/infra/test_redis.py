@@ -70,23 +70,12 @@ def test_packages_installed(host, redis_host: str, flavor) -> None:
         assert host.package(name).is_installed, name
 
 
-def test_unit_enabled_and_running(host, redis_host: str, flavor) -> None:
-    service = host.service(flavor.server_unit)
-    assert service.is_enabled
-    assert service.is_running
-    # Debian's own hardened Type=notify unit, not a replacement, running the flavor's own
-    # binary as its own user.
-    unit = host.run(
-        f"systemctl show -p Type -p FragmentPath -p User -p ExecStart {flavor.server_unit}"
-    ).stdout
-    assert "Type=notify" in unit
+def test_unit_enabled_and_running(host, redis_host: str, flavor, assert_flavor_unit) -> None:
+    unit = assert_flavor_unit(host, flavor.server_unit, flavor.user, flavor.server_binary)
+    # Debian's own hardened unit, not a replacement.
     assert f"FragmentPath=/lib/systemd/system/{flavor.server_unit}" in unit or (
         f"FragmentPath=/usr/lib/systemd/system/{flavor.server_unit}" in unit
     )
-    assert f"User={flavor.user}\n" in unit
-    assert f"path={flavor.server_binary} " in unit
-    pid = host.run(f"systemctl show -p MainPID --value {flavor.server_unit}").stdout.strip()
-    assert host.run(f"ps -o user= -p {pid}").stdout.strip() == flavor.user
 
 
 def test_valkey_without_redis_named_shims(host, redis_host: str, flavor) -> None:

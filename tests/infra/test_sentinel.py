@@ -58,16 +58,8 @@ def test_package_installed(host, sentinel_host: str, flavor) -> None:
     assert host.package(flavor.sentinel_package).is_installed
 
 
-def test_unit_enabled_and_running(host, sentinel_host: str, flavor) -> None:
-    service = host.service(flavor.sentinel_unit)
-    assert service.is_enabled
-    assert service.is_running
-    unit = host.run(f"systemctl show -p Type -p User -p ExecStart {flavor.sentinel_unit}").stdout
-    assert "Type=notify" in unit
-    assert f"User={flavor.user}\n" in unit
-    assert f"path={flavor.sentinel_binary} " in unit
-    pid = host.run(f"systemctl show -p MainPID --value {flavor.sentinel_unit}").stdout.strip()
-    assert host.run(f"ps -o user= -p {pid}").stdout.strip() == flavor.user
+def test_unit_enabled_and_running(host, sentinel_host: str, flavor, assert_flavor_unit) -> None:
+    assert_flavor_unit(host, flavor.sentinel_unit, flavor.user, flavor.sentinel_binary)
 
 
 def test_valkey_sentinel_without_redis_named_shims(host, sentinel_host: str, flavor) -> None:
