@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import celery_ha_failover as failover
@@ -351,3 +355,157 @@ def test_bundle_settings_select_the_failover_classes() -> None:
     assert issubclass(
         failover.NotMasterError, failover.SentinelTransport.recoverable_connection_errors
     )
+
+
+# ---------------------------------------------------------------------------------------
+# TLS contexts
+# ---------------------------------------------------------------------------------------
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _ca(d: Path, name: str) -> tuple[Path, Path]:
+    key, crt = d / f"{name}.key", d / f"{name}.crt"
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        str(key),
+        "-out",
+        str(crt),
+    )
+    return crt, key
+
+
+def _leaf(d: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+    key, csr, crt = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt"
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
+    ext = d / f"{name}.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca[0]),
+        "-CAkey",
+        str(ca[1]),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(crt),
+    )
+    return crt, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pki")
+    ca, other_ca = _ca(d, "ca"), _ca(d, "other-ca")
+    server, client = _leaf(d, "server", ca), _leaf(d, "client", ca)
+    return {
+        "ca": ca[0],
+        "other_ca": other_ca[0],
+        "server_crt": server[0],
+        "server_key": server[1],
+        "client_crt": client[0],
+        "client_key": client[1],
+    }
+
+
+def _tls_connection(pki: dict[str, Path], port: int = 6379, ca: str = "ca") -> Any:
+    failover.install()
+    return redis.connection.SSLConnection(
+        host="127.0.0.1",
+        port=port,
+        ssl_ca_certs=str(pki[ca]),
+        ssl_certfile=str(pki["client_crt"]),
+        ssl_keyfile=str(pki["client_key"]),
+        ssl_cert_reqs="required",
+        ssl_check_hostname=True,
+        # No CLIENT SETINFO on connect: the test server below answers a PING only.
+        lib_name=None,
+        lib_version=None,
+    )
+
+
+def test_tls_connections_share_one_context_until_a_file_is_replaced(
+    pki: dict[str, Path], tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.crt"
+    shutil.copy(pki["ca"], ca)
+    paths = dict(pki, ca=ca)
+    first = failover.tls_context(_tls_connection(paths))
+    assert failover.tls_context(_tls_connection(paths)) is first
+    # Only the given CA is trusted, not the system's store beside it.
+    assert first.cert_store_stats()["x509_ca"] == 1
+    # A rotation replaces the file (Ansible writes a new one and renames it over the old).
+    shutil.copy(pki["other_ca"], tmp_path / "new.crt")
+    os.replace(tmp_path / "new.crt", ca)
+    assert failover.tls_context(_tls_connection(paths)) is not first
+
+
+def _one_tls_redis_server(pki: dict[str, Path]) -> tuple[int, threading.Thread]:
+    """A server on loopback that demands a client certificate and answers one PING."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki["server_crt"], pki["server_key"])
+    context.load_verify_locations(pki["ca"])
+    context.verify_mode = ssl.CERT_REQUIRED
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with listener:
+            raw, _ = listener.accept()
+            try:
+                with context.wrap_socket(raw, server_side=True) as conn:
+                    conn.recv(1024)
+                    conn.sendall(b"+PONG\r\n")
+            except (ssl.SSLError, OSError):
+                pass  # the client refused our certificate
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return port, thread
+
+
+def test_a_tls_connection_verifies_the_server_against_the_given_ca_only(
+    pki: dict[str, Path],
+) -> None:
+    port, server = _one_tls_redis_server(pki)
+    connection = _tls_connection(pki, port)
+    connection.send_command("PING")
+    assert connection.read_response() in (b"PONG", "PONG")
+    connection.disconnect()
+    server.join(5)
+
+    port, server = _one_tls_redis_server(pki)
+    with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+        _tls_connection(pki, port, ca="other_ca").connect()
+    server.join(5)

@@ -29,6 +29,10 @@ Here, per process:
 - Publishes may wait for a replica's acknowledgement (``WAIT``): a task that an isolated old
   master accepted and then threw away when it rejoined is then retried, not lost.
 - :func:`use_for_redbeat` gives beat's lock and schedule (celery-redbeat) the same client.
+- TLS connections share one ``SSLContext`` per process and settings (:func:`tls_context`):
+  redis-py builds a new one for every connection and loads the system's whole CA store into
+  it, 20 ms of CPU per connection on the lab's hosts, which a reconnect storm after a
+  failover pays dozens of times per process.
 
 :func:`install` registers the transport and backend under the ``sentinel`` scheme, so
 ``sentinel://`` URLs (and Flower, which reads them) stay as they are. Upstream: the secret in
@@ -43,6 +47,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 import time
 import types
@@ -528,6 +533,70 @@ class FailoverWatcher:
 
 
 # ---------------------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------------------
+_stock_wrap_socket_with_ssl = redis.connection.SSLConnection._wrap_socket_with_ssl
+_tls_contexts: dict[tuple, tuple[tuple, ssl.SSLContext]] = {}
+_tls_contexts_lock = threading.Lock()
+
+
+def _file_version(path: str | None) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        return None  # loading it below raises the error that names the file
+    return None if stat is None else (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+def tls_context(connection: redis.connection.SSLConnection) -> ssl.SSLContext:
+    """The client ``SSLContext`` for ``connection``'s TLS settings, built once per process.
+
+    As redis-py 6.4.0 builds it for every connection (redis/redis-py#4211 would let a caller
+    pass one), with one difference: when a CA is given, only that CA is trusted, not the
+    system's store beside it (the bundle's servers carry certificates of its own CA, and
+    loading the store is most of the 20 ms). Rebuilt when a certificate, key or CA file is
+    replaced, so a rotation reaches the next connection as it does with redis-py.
+    """
+    c = connection
+    settings = (
+        os.getpid(),
+        c.certfile,
+        c.keyfile,
+        c.certificate_password,
+        c.ca_certs,
+        c.ca_path,
+        c.ca_data,
+        c.check_hostname,
+        c.cert_reqs,
+        c.ssl_min_version,
+        c.ssl_ciphers,
+    )
+    versions = tuple(_file_version(p) for p in (c.certfile, c.keyfile, c.ca_certs, c.ca_path))
+    with _tls_contexts_lock:
+        cached = _tls_contexts.get(settings)
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+    context = ssl.create_default_context(cafile=c.ca_certs, capath=c.ca_path, cadata=c.ca_data)
+    context.check_hostname = c.check_hostname
+    context.verify_mode = c.cert_reqs
+    if c.certfile or c.keyfile:
+        context.load_cert_chain(c.certfile, c.keyfile, c.certificate_password)
+    if c.ssl_min_version is not None:
+        context.minimum_version = c.ssl_min_version
+    if c.ssl_ciphers:
+        context.set_ciphers(c.ssl_ciphers)
+    with _tls_contexts_lock:
+        _tls_contexts[settings] = (versions, context)
+    return context
+
+
+def _wrap_socket_with_ssl(self: redis.connection.SSLConnection, sock: socket.socket) -> Any:
+    if self.ssl_validate_ocsp or self.ssl_validate_ocsp_stapled:
+        return _stock_wrap_socket_with_ssl(self, sock)  # rare options: redis-py's own path
+    return tls_context(self).wrap_socket(sock, server_hostname=self.host)
+
+
+# ---------------------------------------------------------------------------------------
 # kombu
 # ---------------------------------------------------------------------------------------
 class SentinelChannel(kombu_redis.SentinelChannel):
@@ -667,7 +736,10 @@ def use_for_redbeat(app: Any) -> None:
 
 
 def install() -> None:
-    """Make ``sentinel://`` mean these classes in kombu and celery, for this process."""
+    """Make ``sentinel://`` mean these classes in kombu and celery, and TLS contexts shared,
+    for this process."""
     transport.TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
     transport._transport_cache.pop("sentinel", None)
     backends.BACKEND_ALIASES["sentinel"] = f"{__name__}:SentinelBackend"
+    # Every TLS client of the process: masters, Sentinels, the watcher, redbeat, results.
+    redis.connection.SSLConnection._wrap_socket_with_ssl = _wrap_socket_with_ssl
