@@ -11,10 +11,10 @@
 # TRIXIE_LAB_DIR (default $LAB_DIR-trixie), TRIXIE_LAB_NET (10.88.13), TRIXIE_LAB_BRIDGE (chabr0t).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export PATH=$PWD/.venv/bin:$PATH
 LAB=tests/lab/lab
+# The steps are the Makefile's targets; only their order and the lab they run on are here.
+run() { make --no-print-directory "$@"; }
 export LAB_DIR=${LAB_DIR:-$PWD/.lab}
-INVENTORY=$LAB_DIR/inventory.ini
 SUITE_PARTS=${SUITE_PARTS:-bookworm trixie}
 LAB_IS_UP=0
 
@@ -42,11 +42,11 @@ lab_up() { LAB_IS_UP=1; step "lab up ($1)"; $LAB up 5; }
 deploy_and_converge() {
     step "deploy (-vvv)"
     local log=$LAB_DIR/deploy-vvv.log
-    ansible-playbook -vvv -i "$INVENTORY" ansible/site.yml >"$log" 2>&1 ||
+    run deploy DEPLOY_ARGS=-vvv >"$log" 2>&1 ||
         { tail -n 200 "$log"; echo "suite: deploy failed, whole output in $log"; exit 1; }
     sed -n '/^PLAY RECAP/,$p' "$log"
-    step "secret search"; tests/secret_search.py "$log" "$LAB_DIR/secrets"
-    step "idempotence";   tests/idempotence.sh -i "$INVENTORY" ansible/site.yml
+    step "secret search"; .venv/bin/python tests/secret_search.py "$log" "$LAB_DIR/secrets"
+    step "idempotence";   run idempotence
 }
 
 lab_down() {
@@ -62,10 +62,10 @@ if [[ " $SUITE_PARTS " == *" bookworm "* ]]; then
     export LAB_SUITE=bookworm
     lab_up "Debian 12, ${LAB_NET:-10.88.0}.0/24"
     deploy_and_converge
-    step "check mode";    tests/idempotence.sh -i "$INVENTORY" ansible/site.yml --check --diff
-    step "testinfra";     pytest -q -n 4 tests/infra --hosts=ansible://all --ansible-inventory="$INVENTORY"
-    step "end to end";    pytest -q --durations=8 tests/e2e tests/browser
-    step "fault drills";  pytest -q -s tests/drills
+    step "check mode";    run check-mode
+    step "testinfra";     run infra
+    step "end to end";    run e2e
+    step "fault drills";  run drills
     lab_down
 fi
 
@@ -75,18 +75,17 @@ if [[ " $SUITE_PARTS " == *" trixie "* ]]; then
     export LAB_SUITE=trixie LAB_DIR=${TRIXIE_LAB_DIR:-$LAB_DIR-trixie}
     export LAB_NET=${TRIXIE_LAB_NET:-10.88.13} LAB_BRIDGE=${TRIXIE_LAB_BRIDGE:-chabr0t}
     unset LAB_TAG
-    INVENTORY=$LAB_DIR/inventory.ini
     lab_up "Debian 13, Valkey, $LAB_NET.0/24"
     deploy_and_converge
-    step "testinfra";     pytest -q -n 4 tests/infra --hosts=ansible://all --ansible-inventory="$INVENTORY"
+    step "testinfra";     run infra
     # The tasks through the Sentinels (both process managers), Flower and its login, the
     # firewall from a stranger, the refused flavor switch. TLS rotation, the second app and the browser stay Debian 12's.
-    step "end to end";    pytest -q --durations=8 tests/e2e/test_sample_app.py tests/e2e/test_flower.py tests/e2e/test_firewall.py \
-        tests/e2e/test_flavor.py
+    step "end to end";    run e2e E2E_TESTS="tests/e2e/test_sample_app.py tests/e2e/test_flower.py \
+        tests/e2e/test_firewall.py tests/e2e/test_flavor.py"
     # The crash of the master's host in the state of a fresh deployment (it is every client's
     # first Sentinel), with its figures next to Debian 12's.
     step "master-crash drill"
     DRILLS_RESULTS=${DRILLS_RESULTS_TRIXIE:-test-artifacts/drills-trixie.json} \
-        pytest -q -s tests/drills/test_failover_drills.py -k failover1
+        run drills DRILLS="tests/drills/test_failover_drills.py -k failover1"
     lab_down
 fi
