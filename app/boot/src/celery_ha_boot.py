@@ -90,9 +90,11 @@ _PASSWORD_RE = re.compile(r"(password=)[^,)>\s]*")
 
 
 def _hide_passwords_in_sentinel_errors() -> None:
-    """redis-py's MasterNotFoundError carries the repr of every Sentinel client it asked,
-    passwords in clear (LAB-NOTES), and beat, the workers and the result backend log it. Raised
-    again with the passwords masked, and without the original chained to it."""
+    """Stock redis-py's MasterNotFoundError carries the repr of every Sentinel client it asked,
+    passwords in clear (redis/redis-py#2782). The bundle's own clients use FastSentinel, whose
+    errors name no secret; this covers a stock Sentinel built by other code in the process
+    (Flower's broker view, an app's own client): raised again with the passwords masked, and
+    without the original chained to it."""
     original = sentinel.Sentinel.discover_master
     if getattr(original, "_celery_ha_masked", False):
         return
