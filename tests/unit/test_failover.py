@@ -182,10 +182,30 @@ def test_a_connection_attempt_waits_for_the_switch_not_for_its_next_retry() -> N
 
     started = time.monotonic()
     threading.Timer(0.3, watcher.handle, ("a", "celery 10.0.0.11 6379 10.0.0.12 6379")).start()
-    # Polling every 3 s: only the announcement can end the wait this early.
+    # Polling every 3 s, and the back-off's pause at 0.3 s is 0.4 s: only the announcement
+    # can end the wait this early.
     assert failover.wait_for_master(attempt, watcher, wait=5.0, poll=3.0) == "connected"
-    assert 0.3 <= time.monotonic() - started < 0.8
-    assert len(calls) == 2
+    assert 0.3 <= time.monotonic() - started < 0.45
+    # 0, 0.05, 0.15 (back-off), then the one the announcement woke.
+    assert len(calls) == 4
+
+
+def test_a_master_back_after_a_restart_is_retried_within_a_back_off_step() -> None:
+    watcher = failover.FailoverWatcher([("a", 26379)], {}, "celery", on_switch=lambda n: 0)
+    back_at = time.monotonic() + 0.3
+    calls: list[float] = []
+
+    def attempt() -> str:
+        calls.append(time.monotonic())
+        if time.monotonic() < back_at:
+            raise redis.exceptions.ConnectionError("Connection refused")
+        return "connected"
+
+    # No announcement (no failover follows a restart in place); polling every 0.5 s.
+    assert failover.wait_for_master(attempt, watcher, wait=5.0, poll=0.5) == "connected"
+    # Tried at 0, 0.05, 0.15, 0.35: found 0.05 s after its return, not at the 0.5 s poll.
+    assert calls[-1] - back_at < 0.1
+    assert len(calls) == 4
 
 
 def test_waiting_for_a_master_gives_up_and_never_waits_on_a_bad_password() -> None:
@@ -326,8 +346,9 @@ def test_a_master_that_refused_writes_is_not_reconnected_to_until_the_switch(
     started = time.monotonic()
     threading.Timer(0.3, watchers[0].handle, ("a", "celery 10.0.0.12 6379 10.0.0.11 6379")).start()
     assert isinstance(pool.get_connection(), Connection)
-    assert 0.3 <= time.monotonic() - started < 0.8
-    assert len(attempts) == 2, "reconnected to the refusing master in a loop"
+    assert 0.3 <= time.monotonic() - started < 0.45
+    # 0, 0.05, 0.15 (the back-off's steps), then the one the announcement woke: not a loop.
+    assert len(attempts) == 4, "reconnected to the refusing master in a loop"
     assert failover.refused_ago("10.0.0.11", 6379) is None
 
 

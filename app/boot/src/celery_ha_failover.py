@@ -188,11 +188,19 @@ class TrackedConnectionPool(SentinelConnectionPool):
         )
 
 
+# The pause after a first failed attempt (s); each next one doubles, up to the caller's poll.
+# A master that restarts in place (systemd has it back within half a second and no switch
+# follows, so no announcement ends the pause) is found again soon after its return, while an
+# election of several seconds still costs each client only about two tries a second.
+FIRST_RETRY = 0.05
+
+
 def wait_for_master(
     attempt: Callable[[], Any], watcher: FailoverWatcher, wait: float, poll: float
 ) -> Any:
     """``attempt()`` until it stops failing for want of a master, for up to ``wait`` s."""
     give_up = time.monotonic() + wait
+    pause = FIRST_RETRY
     while True:
         generation = watcher.generation
         try:
@@ -203,7 +211,8 @@ def wait_for_master(
             left = give_up - time.monotonic()
             if left <= 0:
                 raise
-        watcher.wait_for_switch(generation, min(left, poll))
+        watcher.wait_for_switch(generation, min(left, pause, poll))
+        pause *= 2
 
 
 def sever_connections(keep: tuple[str, int] | None) -> int:
