@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import celery_ha_settings  # noqa: E402
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
+from celery_ha_exec import parse_env  # noqa: E402
 from labflavor import lab_flavor  # noqa: E402
 from labtls import tls_env, tls_kwargs  # noqa: E402
 from ledger import DEFAULT_LEDGER_DIR, RECORD_TASK, Ledger  # noqa: E402
@@ -152,20 +153,6 @@ def parse_recap(output: str) -> dict[str, dict[str, int]]:
     return recap
 
 
-def parse_env_file(text: str) -> dict[str, str]:
-    """systemd EnvironmentFile lines as the celery role writes them (KEY=value or KEY='value')."""
-    env: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        env[key.strip()] = value
-    return env
-
-
 class Cluster:
     """The deployed cluster as a client sees it, plus the lab hosts behind it."""
 
@@ -199,7 +186,9 @@ class Cluster:
         errors = []
         for host in self.worker_hosts:
             try:
-                return parse_env_file(self.lab.ssh(host, f"cat {CELERY_ENV}", timeout=20))
+                return parse_env(
+                    self.lab.ssh(host, f"cat {CELERY_ENV}", timeout=20), f"{host}:{CELERY_ENV}"
+                )
             except Exception as exc:
                 errors.append(f"{host}: {exc}")
         raise RuntimeError(f"cannot read {CELERY_ENV} from any worker host: {errors}")

@@ -24,7 +24,8 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from cluster import Cluster, Lab, parse_env_file
+from celery_ha_exec import parse_env
+from cluster import Cluster, Lab
 from drillkit import restore_lab, say, wait_healthy
 from ledger import Ledger, new_run_id, wait_until
 
@@ -52,7 +53,7 @@ def default_slots(c: Cluster) -> dict[str, int]:
         total = 0
         for name in listing.split():
             if name.startswith("worker-") and name.endswith(".env"):
-                env = parse_env_file(c.lab.ssh(host, f"cat /etc/celery-ha/{name}"))
+                env = parse_env(c.lab.ssh(host, f"cat /etc/celery-ha/{name}"), f"{host}:{name}")
                 if c.default_queue in env.get("CELERY_HA_WORKER_QUEUES", "").split(","):
                     total += int(env.get("CELERY_HA_WORKER_CONCURRENCY", "1"))
         slots[host] = total
@@ -324,7 +325,7 @@ def test_active_beat_host_crash_standby_takes_over(
     c, lab, ledger = drill_cluster, drill_cluster.lab, drill_beat
     master = healthy(c)
     lock_timeout = float(
-        parse_env_file(lab.ssh(beat_hosts(c)[0], "cat /etc/celery-ha/beat.env")).get(
+        parse_env(lab.ssh(beat_hosts(c)[0], "cat /etc/celery-ha/beat.env"), "beat.env").get(
             "CELERY_HA_BEAT_LOCK_TIMEOUT", "30"
         )
     )

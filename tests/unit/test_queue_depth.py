@@ -12,6 +12,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from celery_ha_settings import broker_link
 
 SOURCE = (
     Path(__file__).resolve().parents[2]
@@ -47,10 +48,11 @@ class FakeRedis:
         self.closed = True
 
 
+CLUSTER = {"CELERY_HA_SENTINELS": "10.0.0.1:26379", "CELERY_HA_MASTER_NAME": "celery"}
+
+
 def cfg(**kw: object) -> qd.Config:
-    base: dict[str, object] = {"sentinels": [("10.0.0.1", 26379)], "master_name": "celery"}
-    base.update(kw)
-    return qd.Config(**base)  # type: ignore[arg-type]
+    return qd.Config(link=broker_link(CLUSTER), **kw)  # type: ignore[arg-type]
 
 
 def parse(text: str) -> dict[str, float]:
@@ -98,41 +100,46 @@ def test_discovery_reads_bindings_and_skips_fanout_exchanges() -> None:
     assert qd.queue_depths(client, cfg()) == {"default": 0, "probe": 3, "reports": 0}
 
 
-def test_config_from_env() -> None:
+def test_config_from_env_reads_the_cluster_from_the_celery_settings() -> None:
     c = qd.config_from_env(
         {
-            "QUEUE_DEPTH_SENTINELS": "10.0.0.1:26379, 10.0.0.2:26380,[::1]:26381",
-            "QUEUE_DEPTH_MASTER_NAME": "celery",
-            "QUEUE_DEPTH_DB": "2",
+            "CELERY_HA_SENTINELS": "10.0.0.1:26379, 10.0.0.2:26380",
+            "CELERY_HA_MASTER_NAME": "celery",
+            "CELERY_HA_BROKER_DB": "2",
+            "CELERY_HA_REDIS_USERNAME": "celery",
+            "CELERY_HA_REDIS_PASSWORD": "secret",
+            "CELERY_HA_SENTINEL_PASSWORD": "sentinel-secret",
             "QUEUE_DEPTH_QUEUES": "default, reports,",
             "QUEUE_DEPTH_DISCOVER": "false",
-            "QUEUE_DEPTH_REDIS_USER": "celery",
         }
     )
-    assert c.sentinels == [("10.0.0.1", 26379), ("10.0.0.2", 26380), ("::1", 26381)]
-    assert (c.db, c.queues, c.discover, c.redis_user, c.redis_password) == (
+    assert c.link.sentinels == [("10.0.0.1", 26379), ("10.0.0.2", 26380)]
+    assert (c.link.db, c.queues, c.discover, c.link.username, c.link.password) == (
         2,
         ["default", "reports"],
         False,
         "celery",
-        None,
+        "secret",
     )
     # No TLS variables: plaintext, nothing TLS-related passed to redis-py.
-    assert c.tls_kwargs() == {}
+    assert c.link.tls == {}
+    client = qd.Collector(c)._redis_client("10.0.0.1", 6379)
+    assert client.connection_pool.connection_kwargs["db"] == 2
+    assert client.connection_pool.connection_kwargs["password"] == "secret"
 
 
-def test_tls_applies_to_the_sentinel_and_the_master_links() -> None:
+def test_tls_applies_to_the_sentinel_and_the_master_links(monkeypatch: pytest.MonkeyPatch) -> None:
     c = qd.config_from_env(
         {
-            "QUEUE_DEPTH_SENTINELS": "10.0.0.1:26379",
-            "QUEUE_DEPTH_MASTER_NAME": "celery",
-            "QUEUE_DEPTH_TLS_CA": "/etc/celery-ha/tls/ca.crt",
-            "QUEUE_DEPTH_TLS_CERT": "/etc/celery-ha/tls/cert.crt",
-            "QUEUE_DEPTH_TLS_KEY": "/etc/celery-ha/tls/cert.key",
+            **CLUSTER,
+            "CELERY_HA_TLS_CA": "/etc/celery-ha/tls/ca.crt",
+            "CELERY_HA_TLS_CERT": "/etc/celery-ha/tls/cert.crt",
+            "CELERY_HA_TLS_KEY": "/etc/celery-ha/tls/cert.key",
         }
     )
-    kwargs = c.tls_kwargs()
-    assert kwargs["ssl"] is True
+    client = qd.Collector(c)._redis_client("10.0.0.1", 6379)
+    assert client.connection_pool.connection_class.__name__ == "SSLConnection"
+    kwargs = client.connection_pool.connection_kwargs
     assert kwargs["ssl_cert_reqs"] == "required"
     assert kwargs["ssl_check_hostname"] is True
     assert (kwargs["ssl_ca_certs"], kwargs["ssl_certfile"], kwargs["ssl_keyfile"]) == (
@@ -140,25 +147,35 @@ def test_tls_applies_to_the_sentinel_and_the_master_links() -> None:
         "/etc/celery-ha/tls/cert.crt",
         "/etc/celery-ha/tls/cert.key",
     )
-    client = qd.Collector(c)._redis_client("10.0.0.1", 6379)
-    assert client.connection_pool.connection_class.__name__ == "SSLConnection"
+    built: dict[str, object] = {}
+
+    class Sentinel:
+        def __init__(self, sentinels: object, sentinel_kwargs: dict[str, object]) -> None:
+            built.update(sentinel_kwargs)
+
+        def discover_master(self, name: str) -> tuple[str, int]:
+            return "10.0.0.2", 6379
+
+    import celery_ha_failover
+
+    monkeypatch.setattr(celery_ha_failover, "FastSentinel", Sentinel)
+    assert qd.Collector(c)._sentinel_master() == ("10.0.0.2", 6379)
+    assert built["ssl"] is True and built["ssl_ca_certs"] == "/etc/celery-ha/tls/ca.crt"
+    # The scrape's own timeout, not the workers' (a scrape must answer within its deadline).
+    assert built["socket_timeout"] == built["socket_connect_timeout"] == 1.0
 
 
 @pytest.mark.parametrize(
-    "env",
+    ("env", "named"),
     [
-        {"QUEUE_DEPTH_MASTER_NAME": "celery"},
-        {"QUEUE_DEPTH_SENTINELS": "10.0.0.1:26379"},
-        {"QUEUE_DEPTH_SENTINELS": "10.0.0.1", "QUEUE_DEPTH_MASTER_NAME": "celery"},
-        {
-            "QUEUE_DEPTH_SENTINELS": "a:1",
-            "QUEUE_DEPTH_MASTER_NAME": "c",
-            "QUEUE_DEPTH_DISCOVER": "maybe",
-        },
+        ({"CELERY_HA_MASTER_NAME": "celery"}, "CELERY_HA_SENTINELS"),
+        ({"CELERY_HA_SENTINELS": "10.0.0.1:26379"}, "CELERY_HA_MASTER_NAME"),
+        ({**CLUSTER, "CELERY_HA_SENTINELS": "10.0.0.1"}, "CELERY_HA_SENTINELS"),
+        ({**CLUSTER, "QUEUE_DEPTH_DISCOVER": "maybe"}, "QUEUE_DEPTH_DISCOVER"),
     ],
 )
-def test_bad_config_is_refused(env: dict[str, str]) -> None:
-    with pytest.raises(ValueError):
+def test_bad_config_is_refused_naming_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
         qd.config_from_env(env)
 
 
@@ -249,21 +266,16 @@ def test_http_endpoint_serves_metrics_and_404s_elsewhere() -> None:
         server.server_close()
 
 
-def test_env_file_is_read_like_systemd(tmp_path: Path) -> None:
-    path = tmp_path / "queue-depth.env"
-    path.write_text(
-        "# comment\n\nQUEUE_DEPTH_SENTINELS=10.0.0.1:26379\n"
-        'QUEUE_DEPTH_MASTER_NAME="celery"\nQUEUE_DEPTH_REDIS_PASSWORD=a=b\n'
-    )
-    env = qd.read_env_file(str(path))
-    assert env == {
-        "QUEUE_DEPTH_SENTINELS": "10.0.0.1:26379",
-        "QUEUE_DEPTH_MASTER_NAME": "celery",
-        "QUEUE_DEPTH_REDIS_PASSWORD": "a=b",
-    }
-    path.write_text("not a pair\n")
-    with pytest.raises(ValueError):
-        qd.read_env_file(str(path))
+def test_main_reads_every_env_file_it_is_given(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    celery_env, own_env = tmp_path / "celery.env", tmp_path / "queue-depth.env"
+    celery_env.write_text("CELERY_HA_SENTINELS=10.0.0.1:26379\nCELERY_HA_MASTER_NAME=celery\n")
+    own_env.write_text("QUEUE_DEPTH_DISCOVER=maybe\n")
+    # Refused for the second file's bad value: the first file's cluster settings were read
+    # (without them the error would name CELERY_HA_SENTINELS), and so was the second.
+    assert qd.main(["--env-file", str(celery_env), "--env-file", str(own_env)]) == 2
+    assert "QUEUE_DEPTH_DISCOVER" in caplog.text
 
 
 def test_main_refuses_bad_arguments_and_config() -> None:

@@ -70,12 +70,17 @@ def _unquote(value: str, where: str) -> str:
 
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=value lines; blank lines and lines starting with # or ; are comments."""
+    return parse_env(path.read_text(), str(path))
+
+
+def parse_env(text: str, source: str) -> dict[str, str]:
+    """The lines of an env file (read from ``source``, named in errors), as systemd reads them."""
     env: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped or stripped[0] in "#;":
             continue
-        where = f"{path}:{number}"
+        where = f"{source}:{number}"
         key, sep, value = stripped.partition("=")
         key = key.strip()
         if not sep or not key.replace("_", "").isalnum() or key[0].isdigit():

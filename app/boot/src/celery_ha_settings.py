@@ -16,6 +16,7 @@ import re
 import socket
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -301,6 +302,77 @@ def _beat(
     return beat
 
 
+@dataclass(frozen=True)
+class BrokerLink:
+    """How a client reaches the cluster: the Sentinels, the master's name, the broker db and
+    the credentials, timeouts and TLS of both links. The part of the settings that every
+    client shares (workers, beat, Flower, the queue-depth exporter, producers)."""
+
+    sentinels: list[tuple[str, int]]
+    master_name: str
+    db: int
+    username: str | None
+    password: str | None
+    # redis-py arguments of the Sentinel links: their own auth, timeouts and TLS.
+    sentinel_kwargs: dict[str, Any]
+    connect_timeout: float
+    socket_timeout: float
+    # redis-py TLS arguments (ssl=True ...), the same for the master links; empty without TLS.
+    tls: dict[str, Any]
+
+
+def broker_link(environ: Mapping[str, str]) -> BrokerLink:
+    """The :class:`BrokerLink` of the CELERY_HA_* variables of ``environ``.
+
+    Raises SettingsError naming the first variable that is missing or invalid.
+    """
+    env = _Env(environ)
+    sentinels = parse_sentinels(env.required("SENTINELS"))
+    master_name = env.required("MASTER_NAME")
+    redis_username = env.string("REDIS_USERNAME")
+    redis_password = env.string("REDIS_PASSWORD")
+    if redis_username and not redis_password:
+        raise SettingsError(
+            PREFIX + "REDIS_PASSWORD", "is required when CELERY_HA_REDIS_USERNAME is set"
+        )
+    sentinel_username = env.string("SENTINEL_USERNAME")
+    sentinel_password = env.string("SENTINEL_PASSWORD")
+    if sentinel_username and not sentinel_password:
+        raise SettingsError(
+            PREFIX + "SENTINEL_PASSWORD", "is required when CELERY_HA_SENTINEL_USERNAME is set"
+        )
+    db = env.integer("BROKER_DB", 0, maximum=15)
+    # Timeouts for a LAN (README, "Failover"): a connect takes well under a millisecond there,
+    # so CONNECT_TIMEOUT bounds what a dead host costs each attempt, not what a live one needs.
+    connect_timeout = env.number("CONNECT_TIMEOUT", 0.5, minimum=0.05)
+    sentinel_timeout = env.number("SENTINEL_TIMEOUT", 0.5, minimum=0.05)
+    socket_timeout = env.number("SOCKET_TIMEOUT", 5.0, minimum=0.1)
+    tls = _tls(env) or {}
+    # Sentinel connections get their own auth and timeouts: redis-py uses sentinel_kwargs,
+    # not the Redis credentials, for them, and without a connect timeout an unreachable
+    # sentinel (a cut network, not a refused port) would stall master discovery.
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": sentinel_timeout,
+        "socket_connect_timeout": connect_timeout,
+        **tls,
+    }
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+        if sentinel_username:
+            sentinel_kwargs["username"] = sentinel_username
+    return BrokerLink(
+        sentinels=sentinels,
+        master_name=master_name,
+        db=db,  # type: ignore[arg-type]  # has a default, so never None
+        username=redis_username,
+        password=redis_password,
+        sentinel_kwargs=sentinel_kwargs,
+        connect_timeout=connect_timeout,
+        socket_timeout=socket_timeout,
+        tls=tls,
+    )
+
+
 def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Celery settings (lowercase names) from the CELERY_HA_* variables of ``environ``.
 
@@ -321,23 +393,11 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         raise SettingsError(
             PREFIX + "APP", f"{app_name!r} is not a module path (pkg.module or pkg.module:attr)"
         )
-    sentinels = parse_sentinels(env.required("SENTINELS"))
-    master_name = env.required("MASTER_NAME")
-
-    redis_username = env.string("REDIS_USERNAME")
-    redis_password = env.string("REDIS_PASSWORD")
-    if redis_username and not redis_password:
-        raise SettingsError(
-            PREFIX + "REDIS_PASSWORD", "is required when CELERY_HA_REDIS_USERNAME is set"
-        )
-    sentinel_username = env.string("SENTINEL_USERNAME")
-    sentinel_password = env.string("SENTINEL_PASSWORD")
-    if sentinel_username and not sentinel_password:
-        raise SettingsError(
-            PREFIX + "SENTINEL_PASSWORD", "is required when CELERY_HA_SENTINEL_USERNAME is set"
-        )
-
-    broker_db = env.integer("BROKER_DB", 0, maximum=15)
+    link = broker_link(environ)
+    sentinels, master_name, broker_db = link.sentinels, link.master_name, link.db
+    redis_username, redis_password = link.username, link.password
+    connect_timeout, socket_timeout = link.connect_timeout, link.socket_timeout
+    sentinel_kwargs = link.sentinel_kwargs
     result_db = env.integer("RESULT_DB", 1, maximum=15)
     if broker_db == result_db:
         # kombu keeps its queues and unacked hash as plain keys: results written beside them
@@ -374,11 +434,6 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             f"{visibility_timeout}), the backstop for clients that do not refresh",
         )
 
-    # Timeouts for a LAN (README, "Failover"): a connect takes well under a millisecond there,
-    # so CONNECT_TIMEOUT bounds what a dead host costs each attempt, not what a live one needs.
-    connect_timeout = env.number("CONNECT_TIMEOUT", 0.5, minimum=0.05)
-    sentinel_timeout = env.number("SENTINEL_TIMEOUT", 0.5, minimum=0.05)
-    socket_timeout = env.number("SOCKET_TIMEOUT", 5.0, minimum=0.1)
     dead_peer_timeout = env.number("DEAD_PEER_TIMEOUT", 10.0, minimum=6.0)
     # While no Sentinel names a master that is up, one connection attempt waits this long for
     # one (woken at once by +switch-master) before it counts as failed: a worker or producer
@@ -408,21 +463,6 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     # again: enough tries, 0.5 s apart at most, to outlast a partition of a minute or more.
     result_retry_max_retries = env.integer("RESULT_RETRY_MAX_RETRIES", 120, minimum=0)
     log_level(environ)  # validated here too so a bad value fails the same way everywhere
-    tls = _tls(env)
-
-    # Sentinel connections get their own auth and timeouts: redis-py uses sentinel_kwargs,
-    # not the Redis credentials, for them, and without a connect timeout an unreachable
-    # sentinel (a cut network, not a refused port) would stall master discovery.
-    sentinel_kwargs: dict[str, Any] = {
-        "socket_timeout": sentinel_timeout,
-        "socket_connect_timeout": connect_timeout,
-    }
-    if sentinel_password:
-        sentinel_kwargs["password"] = sentinel_password
-        if sentinel_username:
-            sentinel_kwargs["username"] = sentinel_username
-    if tls:
-        sentinel_kwargs.update(tls)
 
     settings: dict[str, Any] = {
         "broker_url": sentinel_url(sentinels, broker_db, redis_username, redis_password),
@@ -476,11 +516,11 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
     }
-    if tls:
-        # The link to the master is configured apart from the Sentinel links above (kombu and
+    if link.tls:
+        # The link to the master is configured apart from the Sentinel links (kombu and
         # celery take these as the master's connection arguments, with their Sentinel-managed
         # TLS connection class); Celery wants ssl_cert_reqs as the ssl module's constant.
-        master_tls = {k: v for k, v in tls.items() if k != "ssl"}
+        master_tls = {k: v for k, v in link.tls.items() if k != "ssl"}
         master_tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         settings["broker_use_ssl"] = dict(master_tls)
         settings["redis_backend_use_ssl"] = dict(master_tls)

@@ -11,23 +11,19 @@ This exporter asks every configured Sentinel at once for the current master on E
 LLENs each queue in the broker db with the Celery ACL user.
 A queue's depth is the sum over kombu's priority sub-queues, as Flower and kombu count it.
 
-Configuration comes from the environment, or from a KEY=value file given as --env-file
-(supervisord has no EnvironmentFile=); the role writes /etc/celery-ha/queue-depth.env:
-  QUEUE_DEPTH_SENTINELS          "host:port,host:port,..."           (required)
-  QUEUE_DEPTH_MASTER_NAME        Sentinel master name                 (required)
-  QUEUE_DEPTH_SENTINEL_PASSWORD  Sentinel requirepass                 (optional)
-  QUEUE_DEPTH_REDIS_USER         Redis ACL user for the master        (optional)
-  QUEUE_DEPTH_REDIS_PASSWORD     its password                         (optional)
-  QUEUE_DEPTH_DB                 broker db number                     (default 0)
-  QUEUE_DEPTH_QUEUES             queues always reported, comma-separated (default none)
-  QUEUE_DEPTH_DISCOVER           also report queues bound in kombu's _kombu.binding.* sets
-                                 ("true"/"false", default true)
-  QUEUE_DEPTH_PRIORITY_STEPS     kombu priority steps (default "0,3,6,9")
-  QUEUE_DEPTH_KEY_PREFIX         kombu global_keyprefix (default empty)
-  QUEUE_DEPTH_TIMEOUT            socket timeout in seconds (default 1.0)
-  QUEUE_DEPTH_TLS_CA             CA file: speak TLS to the Sentinels and Redis (default: plaintext)
-  QUEUE_DEPTH_TLS_CERT / _KEY    this client's certificate and key (with TLS_CA)
-  QUEUE_DEPTH_ADDRESS / _PORT    where to serve /metrics (default 127.0.0.1:9808)
+The cluster's side of the configuration (Sentinels, master name, broker db, the Celery ACL
+user, timeouts, TLS) is celery.env's CELERY_HA_* variables, read by celery_ha_settings as
+every Celery process of the host reads them, so the exporter cannot drift from the workers.
+Its own options are QUEUE_DEPTH_* variables in queue-depth.env:
+  QUEUE_DEPTH_QUEUES           queues always reported, comma-separated (default none)
+  QUEUE_DEPTH_DISCOVER         also report queues bound in kombu's _kombu.binding.* sets
+                               ("true"/"false", default true)
+  QUEUE_DEPTH_PRIORITY_STEPS   kombu priority steps (default "0,3,6,9")
+  QUEUE_DEPTH_KEY_PREFIX       kombu global_keyprefix (default empty)
+  QUEUE_DEPTH_TIMEOUT          socket timeout of a scrape's links, in seconds (default 1.0)
+  QUEUE_DEPTH_ADDRESS / _PORT  where to serve /metrics (default 127.0.0.1:9808)
+Both come from the environment (the unit's two EnvironmentFile= lines) or from KEY=value
+files given as --env-file, once per file (supervisord has no EnvironmentFile=).
 """
 
 from __future__ import annotations
@@ -41,7 +37,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
+
+# The exporter runs in the app's venv, next to celery_ha_boot.
+from celery_ha_exec import read_env_file
+from celery_ha_settings import BrokerLink, broker_link, log_level
 
 log = logging.getLogger("queue_depth")
 
@@ -65,12 +66,7 @@ class RedisLike(Protocol):
 
 @dataclass
 class Config:
-    sentinels: list[tuple[str, int]]
-    master_name: str
-    sentinel_password: str | None = None
-    redis_user: str | None = None
-    redis_password: str | None = None
-    db: int = 0
+    link: BrokerLink
     queues: list[str] = field(default_factory=list)
     discover: bool = True
     priority_steps: list[int] = field(default_factory=lambda: [0, 3, 6, 9])
@@ -78,19 +74,9 @@ class Config:
     timeout: float = 1.0
     address: str = "127.0.0.1"
     port: int = 9808
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
 
-    def tls_kwargs(self) -> dict[str, Any]:
-        """redis-py TLS arguments, the same for the Sentinel and the master links."""
-        if not self.tls_ca:
-            return {}
-        # The exporter runs in the app's venv, next to celery_ha_boot: the workers' own
-        # definition of a TLS client, so both check the servers alike.
-        from celery_ha_settings import redis_tls_kwargs
-
-        return redis_tls_kwargs(self.tls_ca, self.tls_cert, self.tls_key)
+    def timeouts(self) -> dict[str, float]:
+        return {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout}
 
 
 def _bool(value: str) -> bool:
@@ -99,36 +85,15 @@ def _bool(value: str) -> bool:
         return True
     if lowered in {"0", "false", "no", "off", ""}:
         return False
-    raise ValueError(f"not a boolean: {value!r}")
-
-
-def parse_endpoints(text: str) -> list[tuple[str, int]]:
-    """Parse "h1:26379,h2:26379" (IPv6 as [addr]:port)."""
-    endpoints = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"QUEUE_DEPTH_SENTINELS: {item!r} is not host:port")
-        endpoints.append((host.strip("[]"), int(port)))
-    if not endpoints:
-        raise ValueError("QUEUE_DEPTH_SENTINELS is empty")
-    return endpoints
+    raise ValueError(f"QUEUE_DEPTH_DISCOVER: not a boolean: {value!r}")
 
 
 def config_from_env(env: Mapping[str, str]) -> Config:
     def get(name: str, default: str = "") -> str:
         return env.get(f"QUEUE_DEPTH_{name}", default)
 
-    master_name = get("MASTER_NAME")
-    if not master_name:
-        raise ValueError("QUEUE_DEPTH_MASTER_NAME is required")
     return Config(
-        sentinels=parse_endpoints(get("SENTINELS")),
-        master_name=master_name,
-        sentinel_password=get("SENTINEL_PASSWORD") or None,
-        redis_user=get("REDIS_USER") or None,
-        redis_password=get("REDIS_PASSWORD") or None,
-        db=int(get("DB", "0")),
+        link=broker_link(env),
         queues=[q.strip() for q in get("QUEUES").split(",") if q.strip()],
         discover=_bool(get("DISCOVER", "true")),
         priority_steps=[int(p) for p in get("PRIORITY_STEPS", "0,3,6,9").split(",") if p.strip()],
@@ -136,9 +101,6 @@ def config_from_env(env: Mapping[str, str]) -> Config:
         timeout=float(get("TIMEOUT", "1.0")),
         address=get("ADDRESS", "127.0.0.1"),
         port=int(get("PORT", "9808")),
-        tls_ca=get("TLS_CA") or None,
-        tls_cert=get("TLS_CERT") or None,
-        tls_key=get("TLS_KEY") or None,
     )
 
 
@@ -239,30 +201,25 @@ class Collector:
         if self._sentinel is None:
             # No connection kwargs for the master here: we only use Sentinel to discover it.
             self._sentinel = Sentinel(
-                self.cfg.sentinels,
-                sentinel_kwargs={
-                    "password": self.cfg.sentinel_password,
-                    "socket_timeout": self.cfg.timeout,
-                    "socket_connect_timeout": self.cfg.timeout,
-                    **self.cfg.tls_kwargs(),
-                },
+                self.cfg.link.sentinels,
+                sentinel_kwargs={**self.cfg.link.sentinel_kwargs, **self.cfg.timeouts()},
             )
         # A fresh answer every scrape, naming only a master the Sentinels see as up.
-        host, port = self._sentinel.discover_master(self.cfg.master_name)
+        host, port = self._sentinel.discover_master(self.cfg.link.master_name)
         return str(host), int(port)
 
     def _redis_client(self, host: str, port: int) -> Any:
         import redis
 
+        link = self.cfg.link
         return redis.Redis(
             host=host,
             port=port,
-            db=self.cfg.db,
-            username=self.cfg.redis_user,
-            password=self.cfg.redis_password,
-            socket_timeout=self.cfg.timeout,
-            socket_connect_timeout=self.cfg.timeout,
-            **self.cfg.tls_kwargs(),
+            db=link.db,
+            username=link.username,
+            password=link.password,
+            **self.cfg.timeouts(),
+            **link.tls,
         )
 
     def collect(self) -> str:
@@ -302,36 +259,17 @@ def make_handler(collector: Collector) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def read_env_file(path: str) -> dict[str, str]:
-    """KEY=value lines as systemd's EnvironmentFile= reads them (comments, blank lines and
-    one pair of surrounding double quotes allowed)."""
-    env = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, 1):
-            line = raw.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            key, sep, value = line.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"{path}:{number}: not KEY=value")
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            env[key.strip()] = value
-    return env
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("QUEUE_DEPTH_LOG_LEVEL", "INFO"), format="%(levelname)s %(message)s"
-    )
+    logging.basicConfig(format="%(levelname)s %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
     try:
-        if args[:1] == ["--env-file"] and len(args) == 2:
-            env.update(read_env_file(args[1]))
-        elif args:
-            raise ValueError("usage: queue_depth.py [--env-file PATH]")
+        while args[:1] == ["--env-file"] and len(args) >= 2:
+            env.update(read_env_file(Path(args[1])))
+            del args[:2]
+        if args:
+            raise ValueError("usage: queue_depth.py [--env-file PATH]...")
+        log.setLevel(log_level(env))
         cfg = config_from_env(env)
     except (OSError, ValueError) as exc:
         log.error("bad configuration: %s", exc)
@@ -341,9 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serving /metrics on %s:%d, sentinels %s, master %s, db %d",
         cfg.address,
         cfg.port,
-        cfg.sentinels,
-        cfg.master_name,
-        cfg.db,
+        cfg.link.sentinels,
+        cfg.link.master_name,
+        cfg.link.db,
     )
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
