@@ -530,3 +530,104 @@ def test_a_tls_connection_verifies_the_server_against_the_given_ca_only(
     with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
         _tls_connection(pki, port, ca="other_ca").connect()
     server.join(5)
+
+
+# ---------------------------------------------------------------------------------------
+# A message popped as the master died
+# ---------------------------------------------------------------------------------------
+class PoppingChannel:
+    """What SentinelChannel._brpop_read uses of a kombu channel: BRPOP answers one message,
+    and delivering it fails as kombu's unacked write does when the master has just died."""
+
+    connection_errors = (redis.exceptions.ConnectionError,)
+    sep = "\x06\x16"
+    publish_wait_replicas, publish_wait_timeout = 1, 1000
+
+    def __init__(self, deliver_error: Exception | None) -> None:
+        self.client = self
+        self.connection = self
+        self._queue_cycle = self
+        self._in_poll = True
+        self.deliver_error = deliver_error
+        self.delivered: list[tuple[Any, str]] = []
+
+    def parse_response(self, connection: object, command: str, **options: object) -> Any:
+        assert command == "BRPOP"
+        return (b"default\x06\x163", b'{"body": "task"}')
+
+    def rotate(self, queue: str) -> None:
+        pass
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        if self.deliver_error is not None:
+            raise self.deliver_error
+        self.delivered.append((message, queue))
+
+    def _sentinel_managed_pool(self) -> str:
+        return "pool"
+
+
+def test_a_message_whose_delivery_fails_on_a_lost_master_is_put_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    put_back: list[tuple] = []
+    monkeypatch.setattr(failover, "put_back", lambda *args: put_back.append(args))
+    ok = PoppingChannel(None)
+    assert failover.SentinelChannel._brpop_read(ok) is True  # type: ignore[arg-type]
+    assert ok.delivered == [({"body": "task"}, "default")] and not put_back
+
+    lost = PoppingChannel(redis.exceptions.ConnectionError("Connection closed by server."))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        failover.SentinelChannel._brpop_read(lost)  # type: ignore[arg-type]
+    # Back onto the very list it was popped from (its priority sub-queue included), waiting
+    # for a replica as publishes do.
+    assert put_back == [("pool", b"default\x06\x163", b'{"body": "task"}', 1, 1000)]
+    assert lost._in_poll is None
+
+
+def test_put_back_retries_on_the_next_master_until_a_replica_has_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(failover, "PUT_BACK_PAUSE", 0.01)
+    lists: dict[bytes, list[bytes]] = {}
+    # The dead master, then a master whose replica is not caught up yet, then a good one.
+    outcomes = [redis.exceptions.ConnectionError("refused"), 0, 1]
+
+    class Pipeline:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def rpush(self, key: bytes, item: bytes) -> None:
+            self.calls.append(("rpush", key, item))
+
+        def execute_command(self, *args: object) -> None:
+            self.calls.append(args)
+
+        def execute(self) -> list[object]:
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            assert self.calls[1] == ("WAIT", 1, 1000)
+            _, key, item = self.calls[0]
+            lists.setdefault(key, []).append(item)
+            return [1, outcome]
+
+    class Client:
+        def __init__(self, connection_pool: Any) -> None:
+            pass
+
+        def pipeline(self, transaction: bool) -> Pipeline:
+            return Pipeline()
+
+    class Pool:
+        disconnected = False
+
+        def disconnect(self) -> None:
+            self.disconnected = True
+
+    monkeypatch.setattr(failover.redis, "Redis", Client)
+    pool = Pool()
+    failover.put_back(pool, b"default", b"message", 1, 1000).join(5)
+    # Pushed twice (the unacknowledged try may have landed too): twice, never zero times.
+    assert lists == {b"default": [b"message", b"message"]}
+    assert not outcomes and pool.disconnected

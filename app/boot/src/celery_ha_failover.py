@@ -646,6 +646,39 @@ class SentinelChannel(kombu_redis.SentinelChannel):
         credentials = {k: params[k] for k in ("username", "password") if k in params}
         return manager.master_for(master_name, redis.Redis, **credentials).connection_pool
 
+    def _brpop_read(self, **options: Any) -> bool:
+        # kombu 5.6.2's own method, except that a message whose delivery fails for a lost
+        # connection goes back to its list. BRPOP has taken it off the queue, and kombu records
+        # it in the unacked hash only with its next command (QoS.append): when the master dies
+        # in between, that command fails and kombu drops the message, which then never runs
+        # (celery/kombu#305; lost once in failover drill 1, by a worker on a surviving host).
+        try:
+            try:
+                popped = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                # As kombu: disconnect, so that the next iteration reconnects.
+                self.client.connection.disconnect()
+                raise
+            if not popped:
+                raise queue.Empty()
+            key, item = popped
+            dest = kombu_redis.bytes_to_str(key).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            try:
+                self.connection._deliver(kombu_redis.loads(kombu_redis.bytes_to_str(item)), dest)
+            except self.connection_errors:
+                put_back(
+                    self._sentinel_managed_pool(),
+                    key,
+                    item,
+                    self.publish_wait_replicas,
+                    self.publish_wait_timeout,
+                )
+                raise
+            return True
+        finally:
+            self._in_poll = None
+
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if self.connection is None:
             # kombu (5.6.2) can hand a pooled producer a channel that a reconnect of the same
@@ -673,6 +706,55 @@ class SentinelChannel(kombu_redis.SentinelChannel):
                 f"replica(s) within {self.publish_wait_timeout} ms"
             )
         return None
+
+
+# How long put_back keeps trying before it gives up on a message (s): far longer than an
+# election, short enough that a thread does not outlive a cluster that is gone for good.
+PUT_BACK_PATIENCE = 300.0
+PUT_BACK_PAUSE = 0.2
+
+
+def put_back(
+    pool: Any, key: bytes, item: bytes, wait_replicas: int = 0, wait_timeout: int = 1000
+) -> threading.Thread:
+    """Push a message that was popped from list ``key`` but never delivered back onto the end
+    that is popped next, on whatever master the Sentinels name, from a thread of its own: the
+    caller's event loop must go on and reconnect. As a publish, it waits for ``wait_replicas``
+    replicas to have it. If the pop never reached a replica, the message is now there twice
+    and its task may run twice; it never runs zero times."""
+
+    def run() -> None:
+        client = redis.Redis(connection_pool=pool)
+        name = kombu_redis.bytes_to_str(key)
+        give_up = time.monotonic() + PUT_BACK_PATIENCE
+        try:
+            while True:
+                try:
+                    pipe = client.pipeline(transaction=False)
+                    pipe.rpush(key, item)
+                    if wait_replicas:
+                        pipe.execute_command("WAIT", wait_replicas, wait_timeout)
+                    replies = pipe.execute()
+                    if wait_replicas and int(replies[-1]) < wait_replicas:
+                        raise NotMasterError("put back, but no replica acknowledged it")
+                    log.warning(
+                        "celery-ha: put back a message popped from %s as its master died", name
+                    )
+                    return
+                except redis.exceptions.RedisError as exc:
+                    if time.monotonic() > give_up:
+                        log.error(
+                            "celery-ha: gave up putting back a message into %s: %s", name, exc
+                        )
+                        return
+                # Each try's connection attempt itself waits up to master_wait for a master.
+                time.sleep(PUT_BACK_PAUSE)
+        finally:
+            pool.disconnect()
+
+    thread = threading.Thread(target=run, name="celery-ha-put-back", daemon=True)
+    thread.start()
+    return thread
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
