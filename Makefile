@@ -28,7 +28,15 @@ $(BIN)/.installed: requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-venv: $(BIN)/.installed ## controller tools, pinned, in .venv/
+# The repository's own Python roots, importable by the tests, the demo and the bench (the
+# test-support package is tests/support) without a sys.path insert anywhere.
+PTH := $(VENV)/celery-ha-repo.pth.installed
+$(PTH): Makefile $(BIN)/.installed
+	printf '%s\n' $(CURDIR)/app/boot/src $(CURDIR)/app/src $(CURDIR)/tests \
+		> "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/celery-ha-repo.pth"
+	touch $@
+
+venv: $(BIN)/.installed $(PTH) ## controller tools, pinned, in .venv/
 
 # python3-venv: the celery role builds wheels with the hosts' Python (Debian's); chromium and
 # its driver: the Flower browser test; shellcheck: make lint, which installs only its own so

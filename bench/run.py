@@ -34,12 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "drills"))
-
-import redis  # noqa: E402
-from cluster import Cluster, Lab, parse_recap  # noqa: E402
-from drillkit import (  # noqa: E402
+import redis
+from support.cluster import Cluster, Lab, parse_recap
+from support.drillkit import (
     Load,
     earliest_switch,
     expected_workers,
@@ -47,7 +44,9 @@ from drillkit import (  # noqa: E402
     wait_healthy,
     wait_new_master,
 )
-from ledger import NOOP_TASK, longest_gap, wait_until  # noqa: E402
+from support.ledger import NOOP_TASK, longest_gap, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "bench-results"
 SECTIONS = ("bringup", "deploy", "throughput", "failover")

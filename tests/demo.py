@@ -4,10 +4,8 @@ Flower. Every call goes controller -> Sentinel -> current Redis master -> a work
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from e2e_lab import LAB_DIR, LabInventory, client_settings
+from support.e2e_lab import LAB_DIR, LabInventory, client_settings
 
 TIMEOUT = 60
 

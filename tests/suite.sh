@@ -45,7 +45,7 @@ deploy_and_converge() {
     run deploy DEPLOY_ARGS=-vvv >"$log" 2>&1 ||
         { tail -n 200 "$log"; echo "suite: deploy failed, whole output in $log"; exit 1; }
     sed -n '/^PLAY RECAP/,$p' "$log"
-    step "secret search"; .venv/bin/python tests/secret_search.py "$log" "$LAB_DIR/secrets"
+    step "secret search"; .venv/bin/python tests/support/secret_search.py "$log" "$LAB_DIR/secrets"
     step "idempotence";   run idempotence
 }
 

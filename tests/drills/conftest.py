@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import REPO, Cluster, Lab
-from drillkit import expected_workers, restore_lab, say
-from ledger import wait_until
+from support.cluster import REPO, Cluster, Lab
+from support.drillkit import expected_workers, restore_lab, say
+from support.ledger import wait_until
 
 ARTIFACTS = REPO / "test-artifacts"
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import celery_ha_settings
 import pytest
-import secret_search
 from celery import Celery
-from cluster import Cluster
-from drillkit import (
+from support import secret_search
+from support.cluster import Cluster
+from support.drillkit import (
     RATE,
     TwoProducers,
     earliest_switch,
@@ -43,7 +43,7 @@ from drillkit import (
     wait_healthy,
     wait_new_master,
 )
-from ledger import RECORD_TASK, Ledger, Producer, longest_gap, new_run_id, wait_until
+from support.ledger import RECORD_TASK, Ledger, Producer, longest_gap, new_run_id, wait_until
 
 # A regression guard (the 70 s of issue 11), not the goal: the figures show the goal.
 GAP_GUARD_S = 30.0

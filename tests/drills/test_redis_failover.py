@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from cluster import Lab
-from labtls import tls_kwargs
+from support.cluster import Lab
+from support.labtls import tls_kwargs
 
 MASTER_NAME = "celery"
 REDIS_PORT = 6379

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import REPO, Cluster, Lab
-from drillkit import PLAYBOOK_ARGS, RATE, Load, record, say, wait_healthy
-from ledger import wait_until
+from support.cluster import REPO, Cluster, Lab
+from support.drillkit import PLAYBOOK_ARGS, RATE, Load, record, say, wait_healthy
+from support.ledger import wait_until
 
 
 def proc_ppid(lab: Lab, host: str, pid: int) -> int:

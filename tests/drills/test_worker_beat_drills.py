@@ -2,7 +2,7 @@
 bound while a live worker's long task never runs twice, and periodic tasks survive the beat
 host and a broker failover.
 
-The ground truth is the drills' ledger (tests/drills/ledger.py): ``drills.ledger_record``
+The ground truth is the drills' ledger (tests/support/ledger.py): ``drills.ledger_record``
 writes an ``S`` line when a slow task starts and a ``D`` line when it is done, on the worker
 host's disk; the periodic drill task ``drills.beat_tick`` writes one ``D`` line per run, its
 ledger id carrying the task id (two beats sending the same run make two ids; a redelivered
@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 from celery_ha_exec import parse_env
-from cluster import Cluster, Lab
-from drillkit import restore_lab, say, wait_healthy
-from ledger import Ledger, new_run_id, wait_until
+from support.cluster import Cluster, Lab
+from support.drillkit import restore_lab, say, wait_healthy
+from support.ledger import Ledger, new_run_id, wait_until
 
 TASK_S = 30.0
 BEAT_EVERY_S = 3.0

@@ -1,4 +1,5 @@
-"""Fixtures for the end-to-end tests (helpers in e2e_lab.py). LAB_DIR picks the lab."""
+"""Fixtures for the end-to-end tests (helpers: tests/support/e2e_lab.py). LAB_DIR picks the
+lab."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from celery import Celery
-from e2e_lab import LAB_DIR, LabInventory, client_settings
+from support.e2e_lab import LAB_DIR, LabInventory, client_settings
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import shlex
 import socket
 
 import pytest
-from e2e_lab import LabInventory
+from support.e2e_lab import LabInventory
 
 REDIS, SENTINEL, FLOWER, EXPORTER = 6379, 26379, 5555, 9808
 

@@ -3,8 +3,8 @@ never switched by a re-run: the preflight refuses, naming the hosts, before any 
 
 from __future__ import annotations
 
-from e2e_lab import LAB_DIR, LabInventory
-from labflavor import lab_flavor
+from support.e2e_lab import LAB_DIR, LabInventory
+from support.labflavor import lab_flavor
 
 
 def test_switching_the_flavor_of_a_running_cluster_is_refused_before_any_change(

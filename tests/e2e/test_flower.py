@@ -19,8 +19,8 @@ import pytest
 import redis
 import requests
 from celery import Celery
-from e2e_lab import SENTINEL_PORT, LabInventory
 from redis.sentinel import Sentinel
+from support.e2e_lab import SENTINEL_PORT, LabInventory
 
 PROXY_PORT = 5555
 FLOWER_PORT = 5556

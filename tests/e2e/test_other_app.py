@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 from celery import Celery
-from e2e_lab import LAB_DIR, REPO, LabInventory, client_settings, run
+from support.e2e_lab import LAB_DIR, REPO, LabInventory, client_settings, run
 
 HOST = "node4"
 LAB = str(REPO / "tests" / "lab" / "lab")

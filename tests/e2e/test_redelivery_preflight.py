@@ -3,7 +3,7 @@ miss it (ansible/roles/celery/tasks/validate.yml)."""
 
 from __future__ import annotations
 
-from e2e_lab import LabInventory
+from support.e2e_lab import LabInventory
 
 CELERY_ENV = "/etc/celery-ha/celery.env"
 

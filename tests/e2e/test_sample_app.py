@@ -8,7 +8,7 @@ import time
 import pytest
 from celery import Celery
 from celery.exceptions import TimeLimitExceeded
-from e2e_lab import LabInventory
+from support.e2e_lab import LabInventory
 
 RESULT_TIMEOUT = 60
 

@@ -17,8 +17,8 @@ import pytest
 import redis
 from celery import Celery
 from cryptography import x509
-from e2e_lab import REPO, LabInventory
 from redis.sentinel import Sentinel
+from support.e2e_lab import REPO, LabInventory
 
 REDIS_PORT = 6379
 SENTINEL_PORT = 26379

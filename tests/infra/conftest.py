@@ -67,12 +67,7 @@ def secrets_dir(lab_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tls(secrets_dir: Path) -> dict:
     """redis-py TLS arguments with the operator certificate ({} when the lab has no TLS)."""
-    import sys
-
-    for src in ("app/boot/src", "tests"):
-        if str(REPO / src) not in sys.path:
-            sys.path.insert(0, str(REPO / src))
-    from labtls import tls_kwargs
+    from support.labtls import tls_kwargs
 
     return tls_kwargs(secrets_dir)
 
@@ -81,11 +76,7 @@ def tls(secrets_dir: Path) -> dict:
 def flavor(host, lab_dir: Path):
     """The server this host must run (labflavor.Flavor): the lab's cluster_redis_flavor, else
     the documented default of the host's Debian release, read from its /etc/os-release."""
-    import sys
-
-    if str(REPO / "tests") not in sys.path:
-        sys.path.insert(0, str(REPO / "tests"))
-    from labflavor import flavor_for_release
+    from support.labflavor import flavor_for_release
 
     release = host.run(". /etc/os-release && echo $VERSION_ID").stdout.strip()
     return flavor_for_release(int(release), lab_dir)

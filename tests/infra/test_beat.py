@@ -7,17 +7,14 @@ Run as: pytest tests/infra --hosts=ansible://all --ansible-inventory=$LAB_DIR/in
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import redis
+from celery_ha_settings import beat_key_prefix
 from redis.sentinel import Sentinel
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "app" / "boot" / "src"))
-
-from celery_ha_settings import beat_key_prefix  # noqa: E402
 
 # The lab's app (celery_app_module's default).
 KEYS = beat_key_prefix("celery_ha_app")

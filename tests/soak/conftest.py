@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 DRILLS = Path(__file__).resolve().parents[1] / "drills"
-sys.path.insert(0, str(DRILLS))
 os.environ.setdefault("DRILLS_RESULTS", str(DRILLS.parents[1] / "test-artifacts" / "soak.json"))
 
 _spec = importlib.util.spec_from_file_location("drill_fixtures", DRILLS / "conftest.py")

@@ -1,7 +1,7 @@
 """What the day-2 operation drills share: an operation playbook run under load (a producer on
 the controller and one on a worker host), and the checks every one of them ends with.
 
-Built on tests/drills/drillkit.py (the load, the ledger, the figures); only what an
+Built on tests/support/drillkit.py (the load, the ledger, the figures); only what an
 operation adds lives here.
 """
 
@@ -11,9 +11,9 @@ import threading
 import time
 from typing import Any
 
-from cluster import Cluster
-from drillkit import TwoProducers, record, say
-from ledger import longest_gap
+from support.cluster import Cluster
+from support.drillkit import TwoProducers, record, say
+from support.ledger import longest_gap
 
 # A regression guard, not the goal: the figures show what each operation costs.
 GAP_GUARD_S = 30.0

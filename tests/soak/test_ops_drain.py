@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cluster import Cluster
-from drillkit import Load, say, wait_healthy
-from ledger import wait_until
 from opskit import OpsDrill, run_playbook
+from support.cluster import Cluster
+from support.drillkit import Load, say, wait_healthy
+from support.ledger import wait_until
 
 SLOW_S = 12.0
 

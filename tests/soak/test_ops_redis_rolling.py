@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from cluster import Cluster
-from drillkit import say, wait_healthy
 from opskit import DownWatch, OpsDrill, main_pids
+from support.cluster import Cluster
+from support.drillkit import say, wait_healthy
 
 
 def rolling(

@@ -1,29 +1,10 @@
-"""Unit tests need no install and no broker: the projects' sources go on sys.path, and the
+"""Unit tests need no install and no broker: the sources they test are on the path (the venv's
+celery-ha-repo.pth, and pytest's pythonpath in pyproject.toml for the hosts' helpers), and the
 sample app gets in-memory transports before any test touches its broker or backend."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-# Also the controller-side code tested here: the CA tool, the secret search and the drills'
-# ledger (host-free accounting, so its tests run here and not with the drills); and the
-# hosts' Redis/Sentinel helper, against fake servers.
-for src in (
-    "app/boot/src",
-    "app/src",
-    "tests/apps/inventory_app/src",
-    "ansible/roles/redis_tls/files",
-    "sentinel",
-    "tests",
-    "tests/drills",
-):
-    path = str(REPO / src)
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 
 @pytest.fixture(scope="session")

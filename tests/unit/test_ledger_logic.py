@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from ledger import Ledger, Producer, longest_gap, new_run_id, parse_lines, wait_until
+from support.ledger import Ledger, Producer, longest_gap, new_run_id, parse_lines, wait_until
 
 
 def test_parse_skips_torn_and_foreign_lines() -> None:

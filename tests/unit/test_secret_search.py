@@ -1,11 +1,12 @@
-"""tests/secret_search.py finds a secret wherever it shows up, and names it without printing it."""
+"""tests/support/secret_search.py finds a secret wherever it shows up, and names it without
+printing it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import secret_search
+from support import secret_search
 
 
 def _private_key_pem() -> str:

@@ -6,7 +6,7 @@ before replicating it would make a task that did run look lost. Lines are writte
 single ``os.write`` on an O_APPEND descriptor so the pool processes of one host never
 interleave them, and they survive the worker being SIGKILLed (the kernel has them).
 
-Format (tests/drills/ledger.py parses it): ``<S|D> <ledger_id> <unix_time> <worker> <pid>``.
+Format (tests/support/ledger.py parses it): ``<S|D> <ledger_id> <unix_time> <worker> <pid>``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A steady producer that runs ON a worker host, as the celery user, with the deployment's own
 settings: what an app server beside the workers does. The drills ship this file and ledger.py
-to the host and start it in the background (tests/drills/drillkit.py, RemoteProducer).
+to the host and start it in the background (tests/support/drillkit.py, RemoteProducer).
 
 Usage: python remote_producer.py RUN_ID RATE MAX_SECONDS OUTFILE
 Every accepted publish is appended to OUTFILE as ``P <ledger_id> <unix_time>``, every publish

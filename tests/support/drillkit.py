@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
-from cluster import Cluster
-from ledger import Ledger, Producer, Report, longest_gap, new_run_id, wait_until
+from support.cluster import Cluster
+from support.ledger import Ledger, Producer, Report, longest_gap, new_run_id, wait_until
 
 HERE = Path(__file__).resolve().parent
 

@@ -21,18 +21,17 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "app" / "boot" / "src"))
-sys.path.insert(0, str(REPO / "tests"))
+import celery_ha_settings
+import redis
+from celery import Celery
+from celery_ha_exec import parse_env
+from redis.sentinel import Sentinel
 
-import celery_ha_settings  # noqa: E402
-import redis  # noqa: E402
-from celery import Celery  # noqa: E402
-from celery_ha_exec import parse_env  # noqa: E402
-from labflavor import lab_flavor  # noqa: E402
-from labtls import tls_env, tls_kwargs  # noqa: E402
-from ledger import DEFAULT_LEDGER_DIR, RECORD_TASK, Ledger  # noqa: E402
-from redis.sentinel import Sentinel  # noqa: E402
+from support.labflavor import lab_flavor
+from support.labtls import tls_env, tls_kwargs
+from support.ledger import DEFAULT_LEDGER_DIR, RECORD_TASK, Ledger
+
+REPO = Path(__file__).resolve().parents[2]
 
 CELERY_ENV = "/etc/celery-ha/celery.env"
 

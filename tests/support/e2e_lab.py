@@ -8,17 +8,14 @@ from __future__ import annotations
 import configparser
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "app" / "boot" / "src"))
-sys.path.insert(0, str(REPO / "app" / "src"))
-sys.path.insert(0, str(REPO / "tests"))
+import celery_ha_settings
+import yaml
 
-import celery_ha_settings  # noqa: E402
-import yaml  # noqa: E402
-from labtls import tls_env, tls_kwargs  # noqa: E402
+from support.labtls import tls_env, tls_kwargs
+
+REPO = Path(__file__).resolve().parents[2]
 
 LAB_DIR = Path(os.environ.get("LAB_DIR") or REPO / ".lab")
 SENTINEL_PORT = 26379

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Search a log (e.g. an `ansible-playbook -vvv` run) for the cluster's secrets.
 
-    tests/secret_search.py LOG SECRETS_DIR
+    tests/support/secret_search.py LOG SECRETS_DIR
 
 Every file in SECRETS_DIR is a secret: the generated passwords (first word of the file, as
 Ansible's password lookup writes them) and, under tls/, the private keys (each line of a PEM
