@@ -9,11 +9,11 @@ CLUSTER_SECRETS_DIR when set).
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from support.inventory import read_inventory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,29 +34,13 @@ def inventory(lab_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def lab_groups(inventory: Path) -> dict[str, list[str]]:
     """Inventory groups -> host names, from the generated INI inventory."""
-    groups: dict[str, list[str]] = {}
-    current = None
-    for raw in inventory.read_text().splitlines():
-        line = raw.split("#", 1)[0].split(";", 1)[0].strip()
-        if not line:
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = line[1:-1]
-            groups.setdefault(current, [])
-        elif current is not None and ":" not in current:
-            groups[current].append(line.split()[0])
-    return groups
+    return read_inventory(inventory)[0]
 
 
 @pytest.fixture(scope="session")
 def lab_addresses(inventory: Path) -> dict[str, str]:
     """Host name -> ansible_host address."""
-    out: dict[str, str] = {}
-    for line in inventory.read_text().splitlines():
-        match = re.match(r"^(\S+)\s.*\bansible_host=(\S+)", line)
-        if match:
-            out[match.group(1)] = match.group(2)
-    return out
+    return read_inventory(inventory)[1]
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from celery import Celery
 from celery_ha_exec import parse_env
 from redis.sentinel import Sentinel
 
+from support.inventory import read_inventory
 from support.labflavor import lab_flavor
 from support.labtls import tls_env, tls_kwargs
 from support.ledger import DEFAULT_LEDGER_DIR, RECORD_TASK, Ledger
@@ -54,31 +55,11 @@ class Lab:
     def exists(self) -> bool:
         return self.inventory.is_file()
 
-    def _parse_inventory(self) -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        current = None
-        for raw in self.inventory.read_text().splitlines():
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            if line.startswith("[") and line.endswith("]"):
-                current = line[1:-1]
-                groups.setdefault(current, [])
-            elif current is not None:
-                groups[current].append(line)
-        return groups
-
     def group(self, name: str) -> list[str]:
-        return [entry.split()[0] for entry in self._parse_inventory().get(name, [])]
+        return read_inventory(self.inventory)[0].get(name, [])
 
     def addresses(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for entries in self._parse_inventory().values():
-            for entry in entries:
-                m = re.search(r"ansible_host=(\S+)", entry)
-                if m:
-                    out[entry.split()[0]] = m.group(1)
-        return out
+        return read_inventory(self.inventory)[1]
 
     def host_of(self, address: str) -> str:
         for host, addr in self.addresses().items():

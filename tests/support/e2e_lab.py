@@ -5,7 +5,6 @@ only through its Sentinels, wired from the lab's inventory and secrets ($LAB_DIR
 
 from __future__ import annotations
 
-import configparser
 import os
 import subprocess
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import celery_ha_settings
 import yaml
 
+from support.inventory import read_inventory
 from support.labtls import tls_env, tls_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,21 +28,7 @@ class LabInventory:
     def __init__(self, lab_dir: Path) -> None:
         self.lab_dir = lab_dir
         self.path = lab_dir / "inventory.ini"
-        parser = configparser.ConfigParser(allow_no_value=True, delimiters=("\n",))
-        parser.optionxform = str  # type: ignore[assignment,method-assign]
-        parser.read(self.path)
-        self.groups: dict[str, list[str]] = {}
-        self.addresses: dict[str, str] = {}
-        for section in parser.sections():
-            hosts = []
-            for line in parser[section]:
-                name, *attrs = line.split()
-                hosts.append(name)
-                for attr in attrs:
-                    key, _, value = attr.partition("=")
-                    if key == "ansible_host":
-                        self.addresses[name] = value
-            self.groups[section] = hosts
+        self.groups, self.addresses = read_inventory(self.path)
 
     def host_vars(self, host: str) -> dict:
         path = self.lab_dir / "host_vars" / f"{host}.yml"
