@@ -88,15 +88,15 @@ class Lab:
             )
         return proc.stdout
 
-    def playbook(
+    def ansible_playbook(
         self, *extra: str, timeout: float = 900, name: str | None = None
-    ) -> tuple[int, dict[str, dict[str, int]], str]:
-        """Run site.yml (or ``name``, a playbook under ansible/) on the lab; return (rc, recap
-        per host, tail of output)."""
+    ) -> subprocess.CompletedProcess[str]:
+        """site.yml (or ``name``, a playbook under ansible/) on the lab, with extra arguments;
+        never raises on its exit code."""
         env = dict(self.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
         bindir = Path(sys.executable).parent
         env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
-        proc = subprocess.run(
+        return subprocess.run(
             [
                 str(bindir / "ansible-playbook"),
                 "-i",
@@ -113,6 +113,12 @@ class Lab:
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
+
+    def playbook(
+        self, *extra: str, timeout: float = 900, name: str | None = None
+    ) -> tuple[int, dict[str, dict[str, int]], str]:
+        """ansible_playbook(); return (rc, recap per host, tail of output)."""
+        proc = self.ansible_playbook(*extra, timeout=timeout, name=name)
         return proc.returncode, parse_recap(proc.stdout), proc.stdout[-3000:] + proc.stderr[-2000:]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import celery_ha_settings
 import yaml
 
+from support.cluster import Lab
 from support.inventory import read_inventory
 from support.labtls import tls_env, tls_kwargs
 
@@ -29,6 +30,7 @@ class LabInventory:
         self.lab_dir = lab_dir
         self.path = lab_dir / "inventory.ini"
         self.groups, self.addresses = read_inventory(self.path)
+        self.lab = Lab(str(lab_dir))
 
     def host_vars(self, host: str) -> dict:
         path = self.lab_dir / "host_vars" / f"{host}.yml"
@@ -48,29 +50,14 @@ class LabInventory:
         return (self.lab_dir / "secrets" / name).read_text().strip()
 
     def lab_cmd(self, *args: str, timeout: float = 120) -> str:
-        """tests/lab/lab VERB ... on this lab; its stdout. The script finds hosts by LAB_NET,
-        so a caller that set only LAB_DIR must not act on another lab on the default subnet:
-        it is taken from the inventory when it is not set."""
-        env = dict(os.environ, LAB_DIR=str(self.lab_dir))
-        first = next(iter(self.addresses.values()), None)
-        if "LAB_NET" not in os.environ and first:
-            env["LAB_NET"] = first.rsplit(".", 1)[0]
-        proc = subprocess.run(
-            [str(REPO / "tests" / "lab" / "lab"), *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
+        """tests/lab/lab VERB ... on this lab (support.cluster.Lab.run); its stdout."""
+        proc = self.lab.run(*args, timeout=timeout, check=False)
         assert proc.returncode == 0, f"lab {args[:2]}: {proc.stdout}{proc.stderr}"
         return proc.stdout
 
     def site_yml(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         """ansible-playbook site.yml on this lab, with extra arguments; never raises on rc."""
-        playbook = [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(self.path)]
-        return run([*playbook, "ansible/site.yml", *args], timeout=timeout)
+        return self.lab.ansible_playbook(*args, timeout=timeout)
 
     def tls_kwargs(self) -> dict:
         """TLS arguments for a direct redis-py client ({} without TLS)."""
