@@ -22,14 +22,12 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
+from support.e2e_lab import LAB_DIR, LabInventory
 
 REPO = Path(__file__).resolve().parents[2]
-LAB_DIR = Path(os.environ.get("LAB_DIR") or REPO / ".lab")
 ARTIFACTS = REPO / "test-artifacts"
 PROXY_PORT = 5555
 USER = "flower"
-DEFAULT_WORKERS = [{"name": "default"}]
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -43,40 +41,11 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def inventory() -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Groups and ansible_host addresses of the lab's generated INI inventory."""
-    groups: dict[str, list[str]] = {}
-    addresses: dict[str, str] = {}
-    current = None
-    path = LAB_DIR / "inventory.ini"
-    if not path.is_file():
+def lab() -> LabInventory:
+    inventory = LabInventory(LAB_DIR)
+    if not inventory.path.is_file():
         pytest.fail(f"no lab at {LAB_DIR} (LAB_DIR): run tests/lab/lab up and deploy site.yml")
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if line.startswith("["):
-            current = line.strip("[]")
-            groups[current] = []
-            continue
-        name, *attrs = line.split()
-        if current is not None:
-            groups[current].append(name)
-        for attr in attrs:
-            key, _, value = attr.partition("=")
-            if key == "ansible_host":
-                addresses[name] = value
-    return groups, addresses
-
-
-def expected_workers(groups: dict[str, list[str]]) -> set[str]:
-    names = set()
-    for host in groups.get("celery_workers", []):
-        path = LAB_DIR / "host_vars" / f"{host}.yml"
-        hostvars = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-        for worker in hostvars.get("celery_workers", DEFAULT_WORKERS):
-            names.add(f"{worker['name']}@{host}")
-    return names
+    return inventory
 
 
 def free_port() -> int:
@@ -168,15 +137,13 @@ def page_text(driver: WebDriver) -> str:
 
 
 def test_chromium_logs_in_and_sees_every_worker(browser: WebDriver) -> None:
-    groups, addresses = inventory()
-    host = groups["flower"][0]
-    password = (LAB_DIR / "secrets" / "flower_basic_auth_password").read_text().split()[0]
-    workers = expected_workers(groups)
+    inventory = lab()
+    address = inventory.addresses[inventory.groups["flower"][0]]
+    password = inventory.secret("flower_basic_auth_password")
+    workers = inventory.expected_nodes()
     assert workers
 
-    browser.cmd(
-        "POST", "/url", {"url": f"http://{USER}:{password}@{addresses[host]}:{PROXY_PORT}/"}
-    )
+    browser.cmd("POST", "/url", {"url": f"http://{USER}:{password}@{address}:{PROXY_PORT}/"})
     title = browser.cmd("GET", "/title")
     # The dashboard fills its workers table from its own periodic API calls (with the
     # credentials Chromium keeps for the origin): wait for them, without reloading the page.
@@ -202,10 +169,10 @@ def test_chromium_logs_in_and_sees_every_worker(browser: WebDriver) -> None:
 
 def test_chromium_without_credentials_is_refused(browser: WebDriver) -> None:
     """A fresh profile (new empty user-data-dir per test) that never logged in."""
-    groups, addresses = inventory()
-    host = groups["flower"][0]
-    browser.cmd("POST", "/url", {"url": f"http://{addresses[host]}:{PROXY_PORT}/"})
+    inventory = lab()
+    address = inventory.addresses[inventory.groups["flower"][0]]
+    browser.cmd("POST", "/url", {"url": f"http://{address}:{PROXY_PORT}/"})
     text = page_text(browser)
     assert "Online workers" not in text
-    assert not any(w in text for w in expected_workers(groups))
+    assert not any(w in text for w in inventory.expected_nodes())
     assert "401" in text or "Authorization Required" in text or not text.strip(), text[:500]
