@@ -302,3 +302,21 @@ def test_stdin_env_runs_celery_with_the_settings_from_stdin() -> None:
     # The broker URL is celery_ha_boot's, built from the settings that came on stdin.
     assert "sentinel://" in run.stdout
     assert "10.0.0.11:26379" in run.stdout
+
+
+def test_the_preflight_refuses_what_the_workers_would() -> None:
+    """The celery role's preflight (vars, validate.yml, argument_specs: static YAML that cannot
+    import Python) carries copies of celery_ha_settings' limits: they must be the same."""
+    import yaml
+    from celery_ha_settings import _APP_RE, MAX_CONCURRENCY, WORKER_POOLS
+
+    role = REPO / "ansible/roles/celery"
+    role_vars = yaml.safe_load((role / "vars/main.yml").read_text())
+    assert role_vars["celery__pools"] == list(WORKER_POOLS)
+    assert role_vars["celery__max_concurrency"] == MAX_CONCURRENCY
+    specs = yaml.safe_load((role / "meta/argument_specs.yml").read_text())
+    pool = specs["argument_specs"]["main"]["options"]["celery_workers"]["options"]["pool"]
+    assert pool["choices"] == list(WORKER_POOLS)
+    validate = (role / "tasks/validate.yml").read_text()
+    # The same pattern, in Ansible's `match` (the regex with one group fewer ?: ).
+    assert f"celery_app_module is match('{_APP_RE.pattern.replace('(?:', '(')}')" in validate
