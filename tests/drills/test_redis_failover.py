@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
 import redis
 from support.cluster import Lab
 from support.labtls import tls_kwargs
+from support.ledger import wait_until
 
 MASTER_NAME = "celery"
 REDIS_PORT = 6379
@@ -36,17 +37,6 @@ T = TypeVar("T")
 
 def say(msg: str) -> None:
     print(f"[redis-drill {time.strftime('%T')}] {msg}", flush=True)
-
-
-def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval=0.2) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class RedisCluster:
@@ -160,7 +150,12 @@ class RedisCluster:
                     client.close()
             return master
 
-        return wait_until(check, timeout, "a healthy Redis cluster (one master, replicas in sync)")
+        return wait_until(
+            check,
+            timeout,
+            what="a healthy Redis cluster (one master, replicas in sync)",
+            interval=0.2,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +209,12 @@ def test_master_crash_then_rerun_then_old_master_rejoins(
 
     # Two Sentinels left can split their votes; Sentinel then waits 2 x failover-timeout
     # (2 x 60 s) before it tries again. The drill must see that retry, and prints the time.
-    new = wait_until(switched, 180, "the Sentinels to elect a new master")
+    new = wait_until(switched, 180, what="the Sentinels to elect a new master", interval=0.2)
     elected_s = time.monotonic() - t0
     say(f"new master {new} elected {elected_s:.1f} s after the crash of {old}")
-    wait_until(lambda: rc.try_write(new, "drill:crash"), 60, "writes on the new master")
+    wait_until(
+        lambda: rc.try_write(new, "drill:crash"), 60, what="writes on the new master", interval=0.2
+    )
 
     # Re-running the playbook with the old master down must not touch anything, and above
     # all must not push the cluster back to the inventory's first host.
@@ -227,7 +224,12 @@ def test_master_crash_then_rerun_then_old_master_rejoins(
 
     t1 = time.monotonic()
     lab.run("start", old, timeout=300)
-    wait_until(lambda: rc.is_replica_of(old, new), 180, f"{old} to rejoin as a replica of {new}")
+    wait_until(
+        lambda: rc.is_replica_of(old, new),
+        180,
+        what=f"{old} to rejoin as a replica of {new}",
+        interval=0.2,
+    )
     rejoin_s = time.monotonic() - t1
     say(f"{old} is back as a replica of {new}, {rejoin_s:.1f} s after its start")
     assert rc.healthy() == new
@@ -282,13 +284,23 @@ def test_master_partition_refuses_writes_then_rejoins(
             f"before): {error}"
         )
         assert error.startswith("NOREPLICAS"), error
-        wait_until(lambda: rc.try_write(new, "drill:partition-new"), 60, "writes on the new master")
+        wait_until(
+            lambda: rc.try_write(new, "drill:partition-new"),
+            60,
+            what="writes on the new master",
+            interval=0.2,
+        )
         rc.celery(new).set("drill:partition", "after", ex=120)
     finally:
         t1 = time.monotonic()
         lab.run("heal", old)
     assert new is not None
-    wait_until(lambda: rc.is_replica_of(old, new), 120, f"{old} to rejoin as a replica of {new}")
+    wait_until(
+        lambda: rc.is_replica_of(old, new),
+        120,
+        what=f"{old} to rejoin as a replica of {new}",
+        interval=0.2,
+    )
     rejoin_s = time.monotonic() - t1
     say(f"{old} rejoined as a replica of {new} {rejoin_s:.1f} s after heal")
     assert rc.healthy() == new
@@ -330,7 +342,8 @@ def test_new_host_joins_as_replica_of_current_master(
         wait_until(
             lambda: (m := rc.agreed_master(rc.sentinel_hosts)) and m != initial and m,
             120,
-            "the manual failover",
+            what="the manual failover",
+            interval=0.2,
         )
         master = rc.healthy()
     say(f"current master {master} (inventory's first redis host: {initial}); adding {newcomer}")
@@ -371,7 +384,8 @@ def test_new_host_joins_as_replica_of_current_master(
                 int(settings_of(h)["num-other-sentinels"]) == n - 1 for h in grown_rc.sentinel_hosts
             ),
             60,
-            f"all {n} Sentinels to know each other",
+            what=f"all {n} Sentinels to know each other",
+            interval=0.2,
         )
         assert_rerun_changes_nothing(grown_rc, down=set(), inventory_note=" (grown)")
     finally:

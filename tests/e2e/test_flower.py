@@ -12,8 +12,7 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -21,6 +20,7 @@ import requests
 from celery import Celery
 from redis.sentinel import Sentinel
 from support.e2e_lab import SENTINEL_PORT, LabInventory
+from support.ledger import wait_until
 
 PROXY_PORT = 5555
 FLOWER_PORT = 5556
@@ -49,24 +49,6 @@ PROTECTED_PATHS = [
     DEPTH_PATH,
     "/static/favicon.ico",
 ]
-
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90, every: float = 1) -> T:
-    """Poll until probe() returns something truthy; fail naming `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            last = probe()
-            if last:
-                return last  # type: ignore[return-value]
-        except Exception as exc:  # the cluster is allowed to be unavailable while we wait
-            last = exc
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +134,7 @@ def test_api_lists_every_worker_online(
         up = {name for name, is_up in resp.json().items() if is_up}
         return up if expected <= up else None
 
-    up = wait_for(f"Flower's API to list {sorted(expected)} online", online)
+    up = wait_until(online, 90, what=f"Flower's API to list {sorted(expected)} online")
     print(f"online in Flower: {sorted(up)}")
     details = get(base_url + "/api/workers", params={"refresh": "true"}, auth=auth).json()
     assert expected <= set(details), sorted(details)
@@ -170,7 +152,7 @@ def test_metrics_have_worker_online_gauges(
         online = {n: samples.get(f'flower_worker_online{{worker="{n}"}}') for n in expected}
         return online if all(v == 1.0 for v in online.values()) else None
 
-    wait_for("flower_worker_online == 1 for every worker", gauges)
+    wait_until(gauges, 90, what="flower_worker_online == 1 for every worker")
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,13 +232,16 @@ def test_queue_depth_follows_the_master_through_a_failover(
     if host_of(lab, master[0]) == flower_host:
         old = master
         sentinel.sentinels[0].execute_command("SENTINEL FAILOVER", MASTER_NAME)
-        master = wait_for(
-            "the master to move off the Flower host",
+        master = wait_until(
             lambda: (m := sentinel.discover_master(MASTER_NAME))[0] != old[0] and m,
+            90,
+            what="the master to move off the Flower host",
         )
         # The old master stays writable for a while after a manual failover (LAB-NOTES):
         # publish only once Sentinel sees it demoted.
-        wait_for("the old master to be a replica", lambda: replica_is_back(sentinel, old[0]))
+        wait_until(
+            lambda: replica_is_back(sentinel, old[0]), 90, what="the old master to be a replica"
+        )
 
     # Nobody consumes the probe queue, so nobody will ever publish these results: waiting
     # for them would only leave this client subscribed to the master that is crashed below.
@@ -281,18 +266,20 @@ def test_queue_depth_follows_the_master_through_a_failover(
     old_host = host_of(lab, master[0])
     lab.lab_cmd("crash", old_host)
     try:
-        new_master = wait_for(
-            f"Sentinel to elect a new master after crashing {old_host}",
+        new_master = wait_until(
             lambda: (m := sentinel.discover_master(MASTER_NAME))[0] != master[0] and m,
+            90,
+            what=f"Sentinel to elect a new master after crashing {old_host}",
         )
         label = f'celery_ha_queue_depth_master_info{{master="{new_master[0]}:{new_master[1]}"}}'
-        after = wait_for(
-            "the exporter to read the new master",
+        after = wait_until(
             lambda: (
                 (s := exporter(base_url, auth)).get(label) == 1
                 and s["celery_ha_queue_depth_up"] == 1
                 and s
             ),
+            90,
+            what="the exporter to read the new master",
         )
         client = master_client(lab, new_master)
         llen_after = master_llen(client, probe_queue)
@@ -303,10 +290,10 @@ def test_queue_depth_follows_the_master_through_a_failover(
     finally:
         lab.lab_cmd("start", old_host)
         # Leave the cluster whole for the next tests: the old master back, as a replica.
-        wait_for(
-            f"{old_host} to rejoin as a replica",
+        wait_until(
             lambda: replica_is_back(sentinel, master[0]),
-            timeout=120,
+            120,
+            what=f"{old_host} to rejoin as a replica",
         )
 
 
@@ -332,5 +319,5 @@ def test_flower_still_sees_every_worker_after_the_failover(
         stale = [w for w in expected if info.get(w, {}).get("timestamp", 0) <= since]
         return None if stale else info
 
-    wait_for("fresh inspect replies from every worker through Flower", fresh)
+    wait_until(fresh, 90, what="fresh inspect replies from every worker through Flower")
     test_metrics_have_worker_online_gauges(base_url, auth, lab)

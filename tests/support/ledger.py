@@ -272,18 +272,22 @@ def wait_until(
     interval: float = 1.0,
     what: str = "condition",
 ) -> object:
-    """Poll ``predicate`` until truthy; raise TimeoutError naming ``what`` after ``timeout``."""
+    """Poll ``predicate`` until it returns something truthy, and return that. An error it
+    raises counts as "not yet" (the cluster may be down meanwhile). After ``timeout``, raise
+    TimeoutError naming ``what`` and the last answer or error. The one poller of the tests."""
     deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
+    last: object = None
     while True:
         try:
             value = predicate()
         except Exception as exc:
-            last_exc = exc
-            value = None
+            value, last = None, exc
+        else:
+            last = value
         if value:
             return value
         if time.monotonic() >= deadline:
-            detail = f" (last error: {last_exc})" if last_exc else ""
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
+            raise TimeoutError(
+                f"timed out after {timeout:.0f} s waiting for {what} (last: {str(last)[:300]!r})"
+            )
         time.sleep(interval)
