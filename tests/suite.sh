@@ -2,8 +2,8 @@
 # The lab half of `make test`: raise the lab, converge it twice (the second run must change
 # nothing), prove every host with testinfra, run the end-to-end tests and the fault drills.
 # Then the same bundle on Debian 13 with Valkey, AFTER the Debian 12 lab is down (the labs
-# share the machine's cores): deploy, re-run, testinfra, the end-to-end tasks (node3 runs its
-# worker under supervisor there too) and the master-crash drill.
+# share the machine's cores): deploy, re-run, --check --diff, testinfra, the end-to-end tasks
+# (node3 runs its worker under supervisor there too) and the master-crash drill.
 # Each lab is torn down at the end, also on failure, unless KEEP_LAB=1.
 #
 # SUITE_PARTS picks the parts (default "bookworm trixie"). The Debian 13 lab has its own
@@ -77,6 +77,7 @@ if [[ " $SUITE_PARTS " == *" trixie "* ]]; then
     unset LAB_TAG
     lab_up "Debian 13, Valkey, $LAB_NET.0/24"
     deploy_and_converge
+    step "check mode";    run check-mode
     step "testinfra";     run infra
     # The tasks through the Sentinels (both process managers), Flower and its login, the
     # firewall from a stranger, the refused flavor switch. TLS rotation, the second app and the browser stay Debian 12's.
