@@ -352,6 +352,31 @@ def test_a_master_that_refused_writes_is_not_reconnected_to_until_the_switch(
     assert failover.refused_ago("10.0.0.11", 6379) is None
 
 
+def test_a_master_that_refused_writes_is_tried_again_as_soon_as_the_pause_is_over(
+    monkeypatch: pytest.MonkeyPatch, watchers: list[failover.FailoverWatcher]
+) -> None:
+    """A master restarted in place answers NOREPLICAS until its replicas are back: with no
+    switch to wake it, the next try comes when REFUSED_PAUSE ends, not at the back-off's step
+    after it (0.05 + 0.1 + 0.2 + 0.4 = 0.75 s)."""
+
+    class Connection:
+        host, port = "10.0.0.11", 6379
+
+    monkeypatch.setattr(
+        failover.SentinelConnectionPool, "get_connection", lambda self, *a, **k: Connection()
+    )
+    monkeypatch.setattr(failover.SentinelConnectionPool, "release", lambda self, c: None)
+    monkeypatch.setattr(failover, "_refused", {})
+    manager = fast_sentinel([FakeSentinelClient("a", {})], master_wait=5.0)
+    monkeypatch.setattr(manager, "poll_interval", 3.0)
+    pool = failover.TrackedConnectionPool("celery", manager)
+    pool.get_connection()  # creates the (never started) watcher
+    failover.mark_refused("10.0.0.11", 6379)
+    started = time.monotonic()
+    assert isinstance(pool.get_connection(), Connection)
+    assert failover.REFUSED_PAUSE <= time.monotonic() - started < failover.REFUSED_PAUSE + 0.1
+
+
 def test_bundle_settings_select_the_failover_classes() -> None:
     settings = load(
         {

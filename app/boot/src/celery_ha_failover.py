@@ -175,9 +175,14 @@ class TrackedConnectionPool(SentinelConnectionPool):
             ago = refused_ago(connection.host, connection.port)
             if ago is not None:
                 self.release(connection)
-                raise NotMasterError(
+                refused = NotMasterError(
                     f"{connection.host}:{connection.port} refused writes {ago:.1f} s ago"
                 )
+                # Try it again as soon as the pause is over, not at the back-off's next step:
+                # a master restarted in place refuses writes (NOREPLICAS) only until its
+                # replicas are back, a fraction of a second.
+                refused.retry_in = REFUSED_PAUSE - ago  # type: ignore[attr-defined]
+                raise refused
             return connection
 
         return wait_for_master(
@@ -207,11 +212,12 @@ def wait_for_master(
             return attempt()
         except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError):
             raise  # a wrong password does not get better with time
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             left = give_up - time.monotonic()
             if left <= 0:
                 raise
-        watcher.wait_for_switch(generation, min(left, pause, poll))
+            retry_in = getattr(exc, "retry_in", poll)
+        watcher.wait_for_switch(generation, min(left, pause, poll, retry_in))
         pause *= 2
 
 
