@@ -10,6 +10,9 @@ side by side in the same invocation on the same lab:
   throughput  no-op tasks/s through the deployed cluster (production settings) vs a bare
             `celery worker` with default settings on a throwaway plain Redis on one lab host,
             vs that Redis' ceiling (redis-benchmark LPUSH/RPOP); plus the ratios
+  connections  the connections each client process holds on the master, each replica and
+            each Sentinel (CLIENT LIST on the servers, matched to the process that owns each
+            source port on its host): the per-unit costs behind README's Scaling section
   failover  --crashes (default 20) master host crashes in a row under a steady load, one in
             four while the master is also the first Sentinel: the distribution of Sentinel's
             election (earliest +switch-master), how many needed a second round, the longest
@@ -49,7 +52,7 @@ from support.ledger import NOOP_TASK, longest_gap, wait_until
 REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "bench-results"
-SECTIONS = ("bringup", "deploy", "throughput", "failover")
+SECTIONS = ("bringup", "deploy", "throughput", "connections", "failover")
 BARE_PORT = 6390
 FILL_QUEUE = "bench-fill"
 
@@ -276,6 +279,126 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
+# connections
+# ------------------------------------------------------------------------------------------
+# ss's established TCP sockets with their owner, and each pid's unit: one ssh round trip.
+SOCKETS_CMD = (
+    "ss -Htnp state established; echo ==units; ps -eo pid=,unit=,comm= 2>/dev/null || true"
+)
+
+
+def _client_processes(lab: Lab, host: str) -> dict[tuple[str, int], str]:
+    """(source address, source port) of every TCP socket on host -> the unit that owns it."""
+    out = lab.ssh(host, SOCKETS_CMD, timeout=60)
+    sockets_part, _, units_part = out.partition("==units")
+    units: dict[str, str] = {}
+    for line in units_part.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            units[fields[0]] = fields[1] if fields[1] != "-" else fields[-1]
+    owners: dict[tuple[str, int], str] = {}
+    for line in sockets_part.splitlines():
+        fields = line.split()
+        pid = re.search(r"pid=(\d+)", line)
+        if len(fields) < 4 or not pid:
+            continue
+        local_addr, _, local_port = fields[2].rpartition(":")
+        owners[(local_addr.strip("[]"), int(local_port))] = units.get(pid.group(1), "?")
+    return owners
+
+
+def _component(unit: str) -> str:
+    """A unit name as the Scaling section counts it: one worker instance, beat, Flower ..."""
+    for prefix, name in (
+        ("celery-worker@", "worker instance "),
+        ("celery-beat", "beat"),
+        ("flower", "Flower"),
+        ("celery-ha-queue-depth", "queue-depth exporter"),
+        ("redis-sentinel", "Sentinel"),
+        ("valkey-sentinel", "Sentinel"),
+        ("redis-server", "Redis replica"),
+        ("valkey-server", "Redis replica"),
+        ("supervisor", "worker under supervisor"),
+    ):
+        if unit.startswith(prefix):
+            return (
+                name + unit[len(prefix) :].removesuffix(".service") if name.endswith(" ") else name
+            )
+    return unit
+
+
+def bench_connections(lab: Lab) -> dict[str, Any]:
+    """Connections per client process on the master, a replica and a Sentinel, counted from
+    the servers' side (CLIENT LIST) and matched to their owners on the client hosts."""
+    c = Cluster(lab)
+    master = c.master_host()
+    owners: dict[tuple[str, int], str] = {}
+    for host in sorted(set(c.lab.addresses()) - {"node5"}):
+        owners |= _client_processes(lab, host)
+    servers: dict[str, list[dict[str, Any]]] = {}
+    memory: dict[str, dict[str, int]] = {}
+    for host in c.redis_hosts:
+        role = "master" if host == master else "replica"
+        admin = c.redis_on(host, admin=True)
+        servers[f"{role} {host}"] = admin.client_list()
+        info = admin.info("memory") | admin.info("clients")
+        memory[f"{role} {host}"] = {
+            k: int(info[k]) for k in ("connected_clients", "mem_clients_normal", "maxclients")
+        }
+    sentinel_auth = {k: v for k, v in c.sentinel_kwargs.items() if k in ("username", "password")}
+    for host in c.sentinel_hosts:
+        port = dict(c.sentinels).get(c.addresses[host], 26379)
+        client = redis.Redis(
+            host=c.addresses[host], port=port, socket_timeout=5, **sentinel_auth, **c.tls
+        )
+        try:
+            servers[f"Sentinel {host}"] = client.client_list()
+        finally:
+            client.close()
+    counts: dict[str, dict[str, int]] = {}
+    for server, clients in servers.items():
+        per: dict[str, int] = {}
+        for entry in clients:
+            addr, _, port = str(entry.get("addr", "")).rpartition(":")
+            if not port.isdigit():
+                continue
+            unit = owners.get((addr, int(port)))
+            # Our own CLIENT LIST connection comes from the controller.
+            name = (
+                "this bench"
+                if unit is None and addr.endswith(".1")
+                else (f"{_component(unit)} on {c.lab.host_of(addr)}" if unit else f"unknown {addr}")
+            )
+            per[name] = per.get(name, 0) + 1
+        counts[server] = dict(sorted(per.items()))
+        say(f"{server}: {sum(per.values())} connections: {counts[server]}")
+    # The idle cluster's own traffic on the master (heartbeats, gossip, events, the
+    # redelivery refresh, Sentinel's pings), which grows with the number of workers.
+    admin = c.redis_on(master, admin=True)
+    window = 10.0
+    before = admin.info("commandstats")
+    time.sleep(window)
+    after = admin.info("commandstats")
+    idle_rates = {
+        name.removeprefix("cmdstat_"): round(
+            (stats["calls"] - before.get(name, {}).get("calls", 0)) / window, 1
+        )
+        for name, stats in after.items()
+    }
+    idle_rates = {k: v for k, v in sorted(idle_rates.items(), key=lambda kv: -kv[1]) if v > 0}
+    say(f"idle master, commands/s over {window:.0f} s: {idle_rates}")
+    for server, mem in memory.items():
+        per_client = mem["mem_clients_normal"] // max(mem["connected_clients"], 1)
+        say(f"{server}: {mem} ({per_client} B per client)")
+    return {
+        "master": master,
+        "connections": counts,
+        "memory": memory,
+        "idle_master_commands_per_s": idle_rates,
+    }
+
+
+# ------------------------------------------------------------------------------------------
 # failover
 # ------------------------------------------------------------------------------------------
 def journal_count(c: Cluster, since: float, needle: str) -> int:
@@ -434,6 +557,8 @@ def main() -> int:
             raise SystemExit(f"no lab at {lab.lab_dir}: run with bringup/deploy or deploy one")
         if "throughput" in args.only:
             results["throughput"] = bench_throughput(lab, args.runs, args.tasks)
+        if "connections" in args.only:
+            results["connections"] = bench_connections(lab)
         if "failover" in args.only:
             results["failover"] = bench_failover(lab, args.crashes)
     finally:
