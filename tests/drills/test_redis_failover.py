@@ -193,6 +193,23 @@ def assert_rerun_changes_nothing(
     return recap
 
 
+def wait_rejoined(
+    rc: RedisCluster, old: str, new: str, since: float, timeout: float, event: str
+) -> float:
+    """Wait until the old master is a replica of the new one and the cluster is whole again;
+    the seconds since ``event`` (at monotonic ``since``)."""
+    wait_until(
+        lambda: rc.is_replica_of(old, new),
+        timeout,
+        what=f"{old} to rejoin as a replica of {new}",
+        interval=0.2,
+    )
+    rejoin_s = time.monotonic() - since
+    say(f"{old} is back as a replica of {new}, {rejoin_s:.1f} s after {event}")
+    assert rc.healthy() == new
+    return rejoin_s
+
+
 def test_master_crash_then_rerun_then_old_master_rejoins(
     rc: RedisCluster, figures: list[dict[str, Any]]
 ) -> None:
@@ -224,15 +241,7 @@ def test_master_crash_then_rerun_then_old_master_rejoins(
 
     t1 = time.monotonic()
     lab.run("start", old, timeout=300)
-    wait_until(
-        lambda: rc.is_replica_of(old, new),
-        180,
-        what=f"{old} to rejoin as a replica of {new}",
-        interval=0.2,
-    )
-    rejoin_s = time.monotonic() - t1
-    say(f"{old} is back as a replica of {new}, {rejoin_s:.1f} s after its start")
-    assert rc.healthy() == new
+    rejoin_s = wait_rejoined(rc, old, new, t1, 180, "its start")
     figures.append(
         {
             "drill": "master crash",
@@ -295,15 +304,7 @@ def test_master_partition_refuses_writes_then_rejoins(
         t1 = time.monotonic()
         lab.run("heal", old)
     assert new is not None
-    wait_until(
-        lambda: rc.is_replica_of(old, new),
-        120,
-        what=f"{old} to rejoin as a replica of {new}",
-        interval=0.2,
-    )
-    rejoin_s = time.monotonic() - t1
-    say(f"{old} rejoined as a replica of {new} {rejoin_s:.1f} s after heal")
-    assert rc.healthy() == new
+    rejoin_s = wait_rejoined(rc, old, new, t1, 120, "heal")
     # What the old master accepted while cut off is gone: the new master's history wins.
     assert rc.celery(new).get("drill:partition") == "after"
     probe.close()
