@@ -308,12 +308,13 @@ def test_the_preflight_refuses_what_the_workers_would() -> None:
     """The celery role's preflight (vars, validate.yml, argument_specs: static YAML that cannot
     import Python) carries copies of celery_ha_settings' limits: they must be the same."""
     import yaml
-    from celery_ha_settings import _APP_RE, MAX_CONCURRENCY, WORKER_POOLS
+    from celery_ha_settings import _APP_RE, MAX_CONCURRENCY, MAX_PREFETCH, WORKER_POOLS
 
     role = REPO / "ansible/roles/celery"
     role_vars = yaml.safe_load((role / "vars/main.yml").read_text())
     assert role_vars["celery__pools"] == list(WORKER_POOLS)
     assert role_vars["celery__max_concurrency"] == MAX_CONCURRENCY
+    assert role_vars["celery__max_prefetch"] == MAX_PREFETCH
     specs = yaml.safe_load((role / "meta/argument_specs.yml").read_text())
     pool = specs["argument_specs"]["main"]["options"]["celery_workers"]["options"]["pool"]
     assert pool["choices"] == list(WORKER_POOLS)

@@ -188,7 +188,31 @@ BAD = [
     ({"TASK_ROUTES": '{"a": 1}'}, "CELERY_HA_TASK_ROUTES", "queue"),
     ({"PUBLISH_RETRY_MAX_RETRIES": "-1"}, "CELERY_HA_PUBLISH_RETRY_MAX_RETRIES", ">= 0"),
     ({"LOG_LEVEL": "chatty"}, "CELERY_HA_LOG_LEVEL", "one of"),
+    ({"TASK_EVENTS": "maybe"}, "CELERY_HA_TASK_EVENTS", "true or false"),
+    ({"IGNORE_RESULT": "2"}, "CELERY_HA_IGNORE_RESULT", "true or false"),
+    ({"PREFETCH_MULTIPLIER": "0"}, "CELERY_HA_PREFETCH_MULTIPLIER", "between 1 and 1000"),
+    ({"PREFETCH_MULTIPLIER": "4.5"}, "CELERY_HA_PREFETCH_MULTIPLIER", "integer"),
 ]
+
+
+def test_the_cost_knobs_change_only_their_own_settings() -> None:
+    """Events, result storage, acks_late and the prefetch: each knob moves what it names
+    (the bench's cost table changes them one at a time), and the defaults keep every
+    guarantee."""
+    base = load(env())
+    assert base["task_ignore_result"] is False
+    assert base["task_send_sent_event"] is True
+    assert base["task_reject_on_worker_lost"] is True
+    knobs = {
+        "TASK_EVENTS": ("false", {"worker_send_task_events": False, "task_send_sent_event": False}),
+        "IGNORE_RESULT": ("yes", {"task_ignore_result": True}),
+        "ACKS_LATE": ("0", {"task_acks_late": False, "task_reject_on_worker_lost": False}),
+        "PREFETCH_MULTIPLIER": ("16", {"worker_prefetch_multiplier": 16}),
+    }
+    for key, (value, expected) in knobs.items():
+        changed = load(env(**{key: value}))
+        diff = {k: v for k, v in changed.items() if base.get(k) != v}
+        assert diff == expected, key
 
 
 @pytest.mark.parametrize(("changes", "variable", "fragment"), BAD)

@@ -27,6 +27,8 @@ PREFIX = "CELERY_HA_"
 WORKER_POOLS = ("prefork", "threads", "solo")
 # A ceiling that catches typos (20000 instead of 2) rather than a real capacity limit.
 MAX_CONCURRENCY = 256
+# Messages a pool process may reserve ahead: again a typo catcher.
+MAX_PREFETCH = 1000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
@@ -81,6 +83,16 @@ class _Env:
             bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
             raise SettingsError(PREFIX + key, f"must be {bounds}, got {number}")
         return number
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise SettingsError(PREFIX + key, f"must be true or false, got {value!r}")
 
     def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
         value = self.raw(key)
@@ -440,6 +452,11 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     # then resumes the moment the new master is announced, not at its next retry.
     master_wait = env.number("MASTER_WAIT", 10.0)
     result_expires = env.integer("RESULT_EXPIRES", 86400, minimum=1)
+    # What each costs is in README's Performance section (make bench, the cost table).
+    task_events = env.boolean("TASK_EVENTS", True)
+    ignore_result = env.boolean("IGNORE_RESULT", False)
+    acks_late = env.boolean("ACKS_LATE", True)
+    prefetch_multiplier = env.integer("PREFETCH_MULTIPLIER", 1, minimum=1, maximum=MAX_PREFETCH)
     compression = _compression(env.string("COMPRESSION"))
     default_queue = env.string("DEFAULT_QUEUE")
     if default_queue is not None and not _QUEUE_RE.match(default_queue):
@@ -499,11 +516,16 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             publish_retry_policy["interval_max"] * 1000
         ),
         "result_expires": result_expires,
+        # Fire-and-forget apps: no result written per task (a task's own ignore_result wins).
+        "task_ignore_result": ignore_result,
         # Reliable delivery: ack after the task ran, requeue if its worker process dies, and
-        # reserve one message at a time so a dying worker strands nothing else.
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
+        # reserve one message at a time by default. A dead worker's reserved messages come
+        # back within the redelivery timeout (celery_ha_redelivery) however many it held, so
+        # a larger prefetch costs only that wait; without acks_late a killed worker's tasks
+        # are lost (kept as a knob for the bench's cost table, not for production).
+        "task_acks_late": acks_late,
+        "task_reject_on_worker_lost": acks_late,
+        "worker_prefetch_multiplier": prefetch_multiplier,
         # Keep trying the broker at start-up and forever after: during a failover or while
         # Redis boots, a worker that gave up would need a human to restart it.
         "broker_connection_retry_on_startup": True,
@@ -512,9 +534,10 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "broker_channel_error_retry": True,
         "task_publish_retry": True,
         "task_publish_retry_policy": publish_retry_policy,
-        # Flower (and `celery events`) see tasks only with these on.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Flower (and `celery events`) see tasks only with these on; off, Flower still
+        # shows the workers (their heartbeats) but no task.
+        "worker_send_task_events": task_events,
+        "task_send_sent_event": task_events,
     }
     if link.tls:
         # The link to the master is configured apart from the Sentinel links (kombu and
