@@ -10,6 +10,12 @@ side by side in the same invocation on the same lab:
   throughput  no-op tasks/s through the deployed cluster (production settings) vs a bare
             `celery worker` with default settings on a throwaway plain Redis on one lab host,
             vs that Redis' ceiling (redis-benchmark LPUSH/RPOP); plus the ratios
+  costs     the cost table: from the deployed defaults, one setting changed at a time on
+            every worker (events, result storage, prefetch, acks_late, compression, pool and
+            concurrency, the publish's WAIT), each as tasks/s and a ratio to the bare worker
+            run with as many pool processes, plus CPU seconds per 1000 tasks by component
+            (workers, master, replicas, Sentinels, Flower, exporter, beat) from each process's
+            own accounting (/proc/PID/stat); the settings go back to the defaults at the end
   connections  the connections each client process holds on the master, each replica and
             each Sentinel (CLIENT LIST on the servers, matched to the process that owns each
             source port on its host): the per-unit costs behind README's Scaling section
@@ -25,6 +31,7 @@ must already be deployed. Traffic goes only to the lab's addresses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -34,9 +41,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import celery_ha_settings
 import redis
 from support.cluster import Cluster, Lab, parse_recap
 from support.drillkit import (
@@ -52,7 +61,7 @@ from support.ledger import NOOP_TASK, longest_gap, wait_until
 REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "bench-results"
-SECTIONS = ("bringup", "deploy", "throughput", "connections", "failover")
+SECTIONS = ("bringup", "deploy", "throughput", "costs", "connections", "failover")
 BARE_PORT = 6390
 FILL_QUEUE = "bench-fill"
 
@@ -149,7 +158,19 @@ def bench_deploy(lab: Lab, runs: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # throughput
 # ------------------------------------------------------------------------------------------
-def publish_fill(conf: dict[str, Any], n: int) -> None:
+def payload_of(size: int) -> str:
+    """A JSON-like text of about ``size`` bytes, compressible the way real task arguments are
+    (repeated keys, growing numbers), not random bytes."""
+    text, i = [], 0
+    while sum(map(len, text)) < size:
+        text.append(
+            f'{{"id": {i}, "sku": "item-{i:06d}", "qty": {i % 7}, "price": {i * 1.25:.2f}}},'
+        )
+        i += 1
+    return "".join(text)[:size]
+
+
+def publish_fill(conf: dict[str, Any], n: int, payload: str | None = None) -> None:
     """Publish n no-op task messages into FILL_QUEUE, which no worker consumes.
 
     conf: the task_* and broker_* settings (URL, transport options, TLS) to publish with. The
@@ -162,7 +183,9 @@ def publish_fill(conf: dict[str, Any], n: int) -> None:
     app.conf.update(conf)
     with app.producer_or_acquire() as producer:
         for _i in range(n):
-            app.send_task(NOOP_TASK, queue=FILL_QUEUE, producer=producer)
+            app.send_task(
+                NOOP_TASK, args=[payload] if payload else [], queue=FILL_QUEUE, producer=producer
+            )
 
 
 def ping_bare(url: str) -> bool:
@@ -195,23 +218,19 @@ def drain_rate(client: redis.Redis, queue: str, n: int, timeout: float = 600) ->
     return n / (time.monotonic() - t0)
 
 
-def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
-    c = Cluster(lab)
+@contextlib.contextmanager
+def bare_worker(c: Cluster, processes: int) -> Iterator[tuple[str, redis.Redis, str]]:
+    """The classic single-server setup on one lab host, thrown away at the end: plain Redis
+    (no auth, no persistence) bound to the host's lab address, and a bare `celery worker`
+    with default settings and ``processes`` pool processes. Yields (host, client, URL)."""
     host = c.worker_hosts[1] if len(c.worker_hosts) > 1 else c.worker_hosts[0]
     addr = c.addresses[host]
-    bare_url = f"redis://{addr}:{BARE_PORT}/0"
-    cluster_rates: list[float] = []
-    bare_rates: list[float] = []
-    lpush: list[float] = []
-    rpop: list[float] = []
-
-    # The classic single-server setup, thrown away at the end: plain Redis (no auth, no
-    # persistence) bound to the host's lab address, and a bare worker with default settings.
+    url = f"redis://{addr}:{BARE_PORT}/0"
     bare_app = (
         "from celery import Celery\n"
-        f"app = Celery('bare', broker='redis://{addr}:{BARE_PORT}/0')\n"
+        f"app = Celery('bare', broker='{url}')\n"
         f"@app.task(name='{NOOP_TASK}')\n"
-        "def noop():\n    return None\n"
+        "def noop(*payload):\n    return None\n"
     )
     # Transient systemd units: nothing inherits the ssh session's descriptors, and stopping
     # them removes every process they started.
@@ -221,31 +240,71 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
         "systemd-run --quiet --unit=bench-redis /usr/bin/redis-server "
         f"--port {BARE_PORT} --bind {addr} --protected-mode no --save '' --appendonly no; "
         "systemd-run --quiet --unit=bench-worker --working-directory=/tmp/bench-bare "
-        "/opt/celery-ha/venv/bin/celery -A bare_app worker --loglevel=WARNING"
+        "/opt/celery-ha/venv/bin/celery -A bare_app worker --loglevel=WARNING "
+        f"--concurrency={processes}"
     )
     teardown = (
         "systemctl stop bench-worker bench-redis 2>/dev/null; "
         "systemctl reset-failed bench-worker bench-redis 2>/dev/null; rm -rf /tmp/bench-bare; true"
     )
-    lab.ssh(host, teardown, check=False)
+    c.lab.ssh(host, teardown, check=False)
     try:
-        lab.ssh(host, setup, timeout=60)
-        bare = redis.Redis(host=addr, port=BARE_PORT, socket_timeout=10)
-        wait_until(lambda: bare.ping(), 60, what="the throwaway Redis")
-        master = c.master_client(c.broker_db)
-        cluster_conf = {k: v for k, v in c.settings.items() if k.startswith(("task_", "broker_"))}
+        c.lab.ssh(host, setup, timeout=60)
+        client = redis.Redis(host=addr, port=BARE_PORT, socket_timeout=10)
+        wait_until(lambda: client.ping(), 60, what="the throwaway Redis")
+        wait_until(lambda: ping_bare(url), 90, interval=1, what="the bare worker")
+        yield host, client, url
+    finally:
+        c.lab.ssh(host, teardown, check=False)
+
+
+def cluster_publish_conf(c: Cluster, overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """The task_* and broker_* settings the workers run with (plus ``overrides``, CELERY_HA_*
+    lines), for a controller publisher: a variant without task events sends no task-sent
+    event either, one with compression compresses."""
+    settings = celery_ha_settings.load(c.env | (overrides or {})) if overrides else c.settings
+    return {k: v for k, v in settings.items() if k.startswith(("task_", "broker_"))}
+
+
+def cluster_drain(c: Cluster, conf: dict[str, Any], n: int, payload: str | None = None) -> float:
+    master = c.master_client(c.broker_db)
+    master.delete(FILL_QUEUE)
+    publish_fill(conf, n, payload)
+    return drain_rate(c.master_client(c.broker_db), c.default_queue, n)
+
+
+def bare_drain(
+    client: redis.Redis,
+    url: str,
+    n: int,
+    payload: str | None = None,
+    compression: str | None = None,
+) -> float:
+    client.delete(FILL_QUEUE)
+    conf: dict[str, Any] = {"broker_url": url}
+    if compression:
+        conf["task_compression"] = compression
+    publish_fill(conf, n, payload)
+    return drain_rate(client, "celery", n)
+
+
+def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
+    """The cluster's rate and the bare worker's, run with as many pool processes as the
+    cluster's instances that consume the default queue, and the broker's ceiling."""
+    c = Cluster(lab)
+    processes = _default_queue_processes(c)
+    cluster_rates: list[float] = []
+    bare_rates: list[float] = []
+    lpush: list[float] = []
+    rpop: list[float] = []
+    with bare_worker(c, processes) as (host, bare, bare_url):
+        conf = cluster_publish_conf(c)
         for i in range(runs):
-            # Deployed cluster, production settings (the settings the workers run with).
-            master.delete(FILL_QUEUE)
-            publish_fill(cluster_conf, n)
-            rate = drain_rate(c.master_client(c.broker_db), c.default_queue, n)
+            rate = cluster_drain(c, conf, n)
             cluster_rates.append(rate)
-            # Bare worker on plain Redis: default settings, default queue "celery".
-            bare.delete(FILL_QUEUE)
-            publish_fill({"broker_url": bare_url}, n)
-            wait_until(lambda: ping_bare(bare_url), 90, interval=1, what="the bare worker")
-            brate = drain_rate(bare, "celery", n)
+            brate = bare_drain(bare, bare_url, n)
             bare_rates.append(brate)
+            addr = c.addresses[host]
             out = lab.ssh(
                 host,
                 f"redis-benchmark -h {addr} -p {BARE_PORT} -t lpush,rpop -n 100000 -q",
@@ -260,12 +319,11 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
                 f"redis-benchmark LPUSH {lpush[-1] if lpush else '?'}/s "
                 f"RPOP {rpop[-1] if rpop else '?'}/s"
             )
-    finally:
-        lab.ssh(host, teardown, check=False)
     cm, bm = median(cluster_rates), median(bare_rates)
     ceiling = median([min(a, b) for a, b in zip(lpush, rpop, strict=False)])
     return {
         "host": host,
+        "worker_processes_each_side": processes,
         "tasks_per_run": n,
         "cluster_tasks_per_s": cm,
         "bare_worker_tasks_per_s": bm,
@@ -275,6 +333,230 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
         "bare_vs_broker_ceiling": round(bm / ceiling, 4) if bm and ceiling else None,
         "cluster_vs_broker_ceiling": round(cm / ceiling, 4) if cm and ceiling else None,
         "runs": {"cluster": cluster_rates, "bare": bare_rates, "lpush": lpush, "rpop": rpop},
+    }
+
+
+def _publish_worker(conf: dict[str, Any], n: int, start: Any) -> None:
+    start.wait()
+    publish_fill(conf, n)
+
+
+def publish_rate(conf: dict[str, Any], producers: int, n: int) -> float:
+    """Publishes/s of ``producers`` processes publishing n messages each at once into
+    FILL_QUEUE (each with its own connection, as separate client processes would)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_publish_worker, args=(conf, n, start)) for _ in range(producers)]
+    for proc in procs:
+        proc.start()
+    time.sleep(1.0)  # every producer imported celery and waits at the start line
+    t0 = time.monotonic()
+    start.set()
+    for proc in procs:
+        proc.join(600)
+        if proc.exitcode != 0:
+            raise RuntimeError(f"a producer failed (exit code {proc.exitcode})")
+    return producers * n / (time.monotonic() - t0)
+
+
+# ------------------------------------------------------------------------------------------
+# cost table
+# ------------------------------------------------------------------------------------------
+# One setting changed at a time from the defaults, written at the end of every worker env
+# file (the last file a worker reads, so it wins over celery.env and the role's own line).
+COST_VARIANTS: list[tuple[str, dict[str, str]]] = [
+    ("defaults", {}),
+    ("task events off", {"CELERY_HA_TASK_EVENTS": "false"}),
+    ("results not stored", {"CELERY_HA_IGNORE_RESULT": "true"}),
+    ("prefetch multiplier 4", {"CELERY_HA_PREFETCH_MULTIPLIER": "4"}),
+    ("prefetch multiplier 16", {"CELERY_HA_PREFETCH_MULTIPLIER": "16"}),
+    ("acks_late off (loses a killed worker's tasks)", {"CELERY_HA_ACKS_LATE": "false"}),
+    ("publishes not waiting for a replica", {"CELERY_HA_PUBLISH_WAIT_REPLICAS": "0"}),
+    ("compression gzip", {"CELERY_HA_COMPRESSION": "gzip"}),
+    ("threads pool", {"CELERY_HA_WORKER_POOL": "threads"}),
+    ("concurrency 4 per instance", {"CELERY_HA_WORKER_CONCURRENCY": "4"}),
+    (
+        "events off + prefetch 16",
+        {"CELERY_HA_TASK_EVENTS": "false", "CELERY_HA_PREFETCH_MULTIPLIER": "16"},
+    ),
+]
+BENCH_MARK = "# bench override"
+# The settings the variants move, checked on every worker after each change.
+VARIANT_KEYS = (
+    "worker_send_task_events",
+    "task_ignore_result",
+    "task_acks_late",
+    "worker_prefetch_multiplier",
+    "task_compression",
+)
+# CPU ticks (utime, stime, cutime, cstime) of every process, summed by systemd unit: reaped
+# children's time moves into their parent's cutime, so a unit's sum only ever grows.
+CPU_CMD = r"""for d in /proc/[0-9]*; do
+  u=$(sed -n 's#^[0-9]*:name=systemd:.*/##p' $d/cgroup 2>/dev/null)
+  [ -n "$u" ] && awk -v u="$u" '{sub(/.*\) /, ""); print u, $12+$13+$14+$15}' $d/stat 2>/dev/null
+done | awk '{t[$1] += $2} END {for (u in t) print u, t[u]}'; getconf CLK_TCK"""
+
+
+def _cpu_by_unit(lab: Lab, hosts: list[str]) -> dict[tuple[str, str], float]:
+    """CPU seconds so far of every unit on each host: {(host, unit): seconds}."""
+    totals: dict[tuple[str, str], float] = {}
+    for host in hosts:
+        lines = lab.ssh(host, CPU_CMD, timeout=60).split()
+        hz = float(lines[-1])
+        for unit, ticks in zip(lines[:-1:2], lines[1:-1:2], strict=True):
+            totals[(host, unit)] = int(ticks) / hz
+    return totals
+
+
+def _cpu_component(unit: str, host: str, master: str) -> str | None:
+    if unit.startswith(("celery-worker@", "supervisor")):
+        return "workers"
+    if unit.startswith(("redis-server", "valkey-server")):
+        return "master" if host == master else "replicas"
+    if unit.startswith(("redis-sentinel", "valkey-sentinel")):
+        return "Sentinels"
+    if unit.startswith(("flower", "nginx")):
+        return "Flower"
+    if unit.startswith("celery-ha-queue-depth"):
+        return "exporter"
+    if unit.startswith("celery-beat"):
+        return "beat"
+    return None
+
+
+def _set_overrides(c: Cluster, overrides: dict[str, str]) -> None:
+    """Put the override lines at the end of every worker env file (none = the defaults) and
+    restart the workers; wait until every one of them answers again."""
+    # An env file has no trailing comments: the mark is a line of its own, above the block.
+    block = "".join(f"{k}={v}\n" for k, v in overrides.items())
+    block = f"{BENCH_MARK}\n{block}" if block else ""
+    for host in c.worker_hosts:
+        c.lab.ssh(
+            host,
+            f"for f in /etc/celery-ha/worker-*.env; do sed -i '/^{BENCH_MARK}$/,$d' $f; "
+            f"printf %s {shlex.quote(block)} >> $f; done; "
+            "if systemctl is-active --quiet supervisor; then "
+            "supervisorctl restart all >/dev/null; fi; "
+            "systemctl restart --no-block 'celery-worker@*'",
+            timeout=300,
+        )
+    want = expected_workers(c)
+    wait_until(lambda: c.ping_workers(timeout=2.0) == want, 300, interval=2, what=f"workers {want}")
+    # Proof that the workers run the variant, from their own configuration.
+    expected = celery_ha_settings.load(c.env | overrides)
+    confs = c.app.control.inspect(timeout=5.0).conf(with_defaults=True) or {}
+    for node, conf in confs.items():
+        wrong = {k: conf.get(k) for k in VARIANT_KEYS if k in conf and conf[k] != expected.get(k)}
+        if wrong:
+            raise RuntimeError(f"{node} does not run the variant {overrides}: {wrong}")
+
+
+def _default_queue_processes(c: Cluster) -> int:
+    """Pool processes of the instances that consume the default queue, summed over hosts."""
+    total = 0
+    for host in c.worker_hosts:
+        out = c.lab.ssh(host, "cat /etc/celery-ha/worker-*.env", timeout=60)
+        for block in out.split("CELERY_HA_WORKER_NAME=")[1:]:
+            env = dict(line.split("=", 1) for line in block.splitlines()[1:] if "=" in line)
+            if c.default_queue in env.get("CELERY_HA_WORKER_QUEUES", "").split(","):
+                total += int(env.get("CELERY_HA_WORKER_CONCURRENCY", "1"))
+    return total
+
+
+def _cpu_per_1000(
+    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], master: str, n: int
+) -> dict[str, float]:
+    per: dict[str, float] = {}
+    for (host, unit), secs in after.items():
+        component = _cpu_component(unit, host, master)
+        if component:
+            per[component] = per.get(component, 0.0) + secs - before.get((host, unit), 0.0)
+    return {k: v * 1000 / n for k, v in per.items()}
+
+
+PAYLOADS = ((1024, None), (1024, "gzip"), (100 * 1024, None), (100 * 1024, "gzip"))
+
+
+def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
+    c = Cluster(lab)
+    hosts = sorted(
+        set(c.worker_hosts) | set(c.redis_hosts) | set(c.sentinel_hosts) | set(lab.group("flower"))
+    )
+    processes = _default_queue_processes(c)
+    rows: list[dict[str, Any]] = []
+    extra: list[dict[str, Any]] = []
+    with bare_worker(c, processes) as (_host, bare, bare_url):
+        bare_rate = median([bare_drain(bare, bare_url, n) for _ in range(runs)])
+        say(f"bare worker, {processes} processes: {bare_rate} tasks/s")
+        try:
+            for name, overrides in COST_VARIANTS:
+                _set_overrides(c, overrides)
+                master = c.master_host()
+                conf = cluster_publish_conf(c, overrides)
+                rates: list[float] = []
+                cpu_runs: dict[str, list[float]] = {}
+                for _ in range(runs):
+                    before = _cpu_by_unit(lab, hosts)
+                    rates.append(cluster_drain(c, conf, n))
+                    # Flower may still be reading the last events: give it a moment.
+                    time.sleep(1.0)
+                    for k, v in _cpu_per_1000(before, _cpu_by_unit(lab, hosts), master, n).items():
+                        cpu_runs.setdefault(k, []).append(v)
+                rate = median(rates)
+                cpu = {k: median(v) for k, v in sorted(cpu_runs.items())}
+                rows.append(
+                    {
+                        "variant": name,
+                        "overrides": overrides,
+                        "tasks_per_s": rate,
+                        "vs_bare": round(rate / bare_rate, 3) if rate and bare_rate else None,
+                        "cpu_s_per_1000": cpu,
+                        "runs": rates,
+                    }
+                )
+                say(f"{name}: {rate} tasks/s ({rows[-1]['vs_bare']} of bare), CPU s/1000 {cpu}")
+        finally:
+            _set_overrides(c, {})
+        # Payloads and compression are the publisher's choice (a worker decompresses what it
+        # receives), with the deployed defaults on both sides.
+        conf = cluster_publish_conf(c)
+        for size, compression in PAYLOADS:
+            payload = payload_of(size)
+            cconf = dict(conf, task_compression=compression) if compression else conf
+            crate = median([cluster_drain(c, cconf, n, payload) for _ in range(runs)])
+            brate = median(
+                [bare_drain(bare, bare_url, n, payload, compression) for _ in range(runs)]
+            )
+            label = f"{size // 1024} KiB payload{', ' + compression if compression else ''}"
+            extra.append({"what": label, "cluster_tasks_per_s": crate, "bare_tasks_per_s": brate})
+            say(f"{label}: cluster {crate}/s, bare {brate}/s")
+        # Several producers at once: the publish side (WAIT for a replica, TLS, Sentinel).
+        per = max(n // producers, 1)
+        master = c.master_client(c.broker_db)
+        cpub, bpub = [], []
+        for _ in range(runs):
+            master.delete(FILL_QUEUE)
+            cpub.append(publish_rate(conf, producers, per))
+            master.delete(FILL_QUEUE)
+            bare.delete(FILL_QUEUE)
+            bpub.append(publish_rate({"broker_url": bare_url}, producers, per))
+            bare.delete(FILL_QUEUE)
+        extra.append(
+            {
+                "what": f"{producers} producers publishing at once (publishes/s)",
+                "cluster_tasks_per_s": median(cpub),
+                "bare_tasks_per_s": median(bpub),
+            }
+        )
+        say(f"{producers} producers: cluster {median(cpub)}/s, bare {median(bpub)}/s")
+    return {
+        "tasks_per_run": n,
+        "bare_processes": processes,
+        "bare_worker_tasks_per_s": bare_rate,
+        "variants": rows,
+        "side_by_side": extra,
     }
 
 
@@ -500,6 +782,32 @@ def table(results: dict[str, Any]) -> str:
         ("ratio bare worker / broker ceiling", t.get("bare_vs_broker_ceiling")),
         ("ratio cluster / broker ceiling", t.get("cluster_vs_broker_ceiling")),
     ]
+    if t:
+        rows.append(("worker processes on each side", t.get("worker_processes_each_side")))
+    costs = results.get("costs", {})
+    if costs:
+        rows.append(
+            (
+                f"cost table: bare worker, {costs['bare_processes']} processes (tasks/s)",
+                costs["bare_worker_tasks_per_s"],
+            )
+        )
+        for row in costs["variants"]:
+            cpu = ", ".join(f"{k} {v}" for k, v in row["cpu_s_per_1000"].items())
+            rows.append(
+                (
+                    f"  {row['variant']}",
+                    f"{row['tasks_per_s']} tasks/s, {row['vs_bare']} of bare; "
+                    f"CPU s per 1000 tasks: {cpu}",
+                )
+            )
+        for row in costs["side_by_side"]:
+            rows.append(
+                (
+                    f"  {row['what']}",
+                    f"cluster {row['cluster_tasks_per_s']}, bare {row['bare_tasks_per_s']}",
+                )
+            )
     f = results.get("failover", {})
     rows += [
         ("master host crashes in a row (failover)", f.get("crashes")),
@@ -530,6 +838,9 @@ def main() -> int:
         help="do not remove the cached base to time a bring-up from nothing",
     )
     parser.add_argument("--tasks", type=int, default=3000, help="no-op tasks per throughput run")
+    parser.add_argument(
+        "--producers", type=int, default=4, help="producers publishing at once (costs section)"
+    )
     parser.add_argument("--keep-lab", action="store_true", help="leave the lab up at the end")
     parser.add_argument(
         "--crashes", type=int, default=20, help="master host crashes in the failover section"
@@ -557,6 +868,8 @@ def main() -> int:
             raise SystemExit(f"no lab at {lab.lab_dir}: run with bringup/deploy or deploy one")
         if "throughput" in args.only:
             results["throughput"] = bench_throughput(lab, args.runs, args.tasks)
+        if "costs" in args.only:
+            results["costs"] = bench_costs(lab, args.runs, args.tasks, args.producers)
         if "connections" in args.only:
             results["connections"] = bench_connections(lab)
         if "failover" in args.only:

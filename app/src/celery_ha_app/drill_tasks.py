@@ -63,5 +63,6 @@ def beat_tick(self: Task, run_id: str) -> str:
 
 
 @app.task(name="drills.noop")
-def noop() -> None:
-    """Does nothing: throughput benchmarks measure the plumbing, not the work."""
+def noop(*_payload: object) -> None:
+    """Does nothing: throughput benchmarks measure the plumbing, not the work (the bench's
+    payload rows pass it a payload to carry)."""
