@@ -37,9 +37,11 @@ class OpsDrill(TwoProducers):
         self.t_op = 0.0
         self.t_op_end = 0.0
 
-    def operate(self, playbook: str, *extra: str) -> tuple[int, dict[str, dict[str, int]], str]:
+    def operate(
+        self, playbook: str, *extra: str, timeout: float = 1200
+    ) -> tuple[int, dict[str, dict[str, int]], str]:
         self.t_op = time.time()
-        result = run_playbook(self.c, playbook, *extra)
+        result = run_playbook(self.c, playbook, *extra, timeout=timeout)
         self.t_op_end = time.time()
         return result
 

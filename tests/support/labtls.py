@@ -3,6 +3,8 @@
 The redis_tls role issues an operator certificate next to the cluster's secrets
 (<cluster_secrets_dir>/tls: ca.crt, operator.crt, operator.key). When it is there the cluster
 speaks TLS, and every client of the test suite connects with it, exactly as an operator would.
+The CA it trusts is ca-bundle.crt, what the hosts trust too (during a CA rotation: the current
+CA and the next one), or ca.crt where the role has not written a bundle yet.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ def tls_env(secrets_dir: Path) -> dict[str, str]:
     tls = secrets_dir / "tls"
     if not (tls / "ca.crt").is_file():
         return {}
+    bundle = tls / "ca-bundle.crt"
     return {
-        "CELERY_HA_TLS_CA": str(tls / "ca.crt"),
+        "CELERY_HA_TLS_CA": str(bundle if bundle.is_file() else tls / "ca.crt"),
         "CELERY_HA_TLS_CERT": str(tls / "operator.crt"),
         "CELERY_HA_TLS_KEY": str(tls / "operator.key"),
     }

@@ -16,6 +16,12 @@ changes nothing, which keeps site.yml's re-runs at changed=0.
        --renew-days. --force re-issues regardless (rotation on demand). Keys are written 0600;
        a key is kept when it is still usable, so re-issuing only changes the certificate.
 
+  promote --cert C --key K --next-cert N --next-key NK [--check]
+       The last step of a CA rotation: the next CA (N, NK) becomes the CA (C, K), and the old
+       one is kept beside it as C/K with a ".retired-<UTC time>" suffix (it is no longer
+       trusted anywhere, but a file an operator may want to look at). Nothing to do, and no
+       change, when N and NK are gone already: a run stopped after it is simply run again.
+
 --check reports what would change without writing anything (Ansible's check mode).
 """
 
@@ -232,6 +238,37 @@ def cmd_cert(args: argparse.Namespace) -> dict:
     return {"changed": True, "reason": problem, "not_after": cert.not_valid_after_utc.isoformat()}
 
 
+def pair(cert: Path, key: Path) -> bool:
+    public = load_key(key).public_key().public_numbers()
+    return load_cert(cert).public_key().public_numbers() == public
+
+
+def cmd_promote(args: argparse.Namespace) -> dict:
+    cert, key = Path(args.cert), Path(args.key)
+    next_cert, next_key = Path(args.next_cert), Path(args.next_key)
+    if not next_cert.exists():
+        if next_key.exists():
+            raise SystemExit(f"{next_key} exists without {next_cert}: restore it")
+        return {"changed": False, "reason": "no next CA"}
+    # The key moves first: a run killed right after it left the next certificate waiting
+    # beside its key, already promoted; only the certificate is left to move.
+    half_done = not next_key.exists() and key.exists() and pair(next_cert, key)
+    if not next_key.exists() and not half_done:
+        raise SystemExit(f"{next_cert} exists without {next_key}: restore it")
+    if not half_done and not pair(next_cert, next_key):
+        raise SystemExit(f"{next_cert} and {next_key} are not a pair")
+    if args.check:
+        return {"changed": True, "reason": "promote"}
+    suffix = f".retired-{now():%Y%m%dT%H%M%SZ}"
+    moves = [(cert, next_cert)] if half_done else [(key, next_key), (cert, next_cert)]
+    for current, following in moves:
+        if current.exists():
+            os.replace(current, current.with_name(current.name + suffix))
+        os.replace(following, current)
+    not_after = load_cert(cert).not_valid_after_utc.isoformat()
+    return {"changed": True, "reason": "promoted", "not_after": not_after}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,8 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     cert.add_argument("--renew-days", type=int, required=True)
     cert.add_argument("--force", action="store_true")
     cert.add_argument("--check", action="store_true")
+    promote = sub.add_parser("promote")
+    promote.add_argument("--cert", required=True)
+    promote.add_argument("--key", required=True)
+    promote.add_argument("--next-cert", required=True)
+    promote.add_argument("--next-key", required=True)
+    promote.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    result = cmd_ca(args) if args.command == "ca" else cmd_cert(args)
+    result = {"ca": cmd_ca, "cert": cmd_cert, "promote": cmd_promote}[args.command](args)
     json.dump(result, sys.stdout)
     print()
     return 0
