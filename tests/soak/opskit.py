@@ -33,7 +33,7 @@ class OpsDrill(TwoProducers):
     """The load around one operation: both producers, the clock, the closing checks."""
 
     def __init__(self, c: Cluster, name: str, remote_host: str) -> None:
-        super().__init__(c, name, remote_host, remote_seconds=1500)
+        super().__init__(c, name, remote_host, remote_seconds=2400)
         self.t_op = 0.0
         self.t_op_end = 0.0
 

@@ -168,6 +168,11 @@ class Cluster:
         self._lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------------
+    def reload(self) -> None:
+        """Read the deployment's settings again, as a restarted client would: after
+        ansible/rotate_secrets.yml moved celery.env to new passwords."""
+        self.__init__(self.lab)  # type: ignore[misc]
+
     def _read_env(self) -> dict[str, str]:
         errors = []
         for host in self.worker_hosts:

@@ -41,10 +41,14 @@ def say(msg: str) -> None:
 class Load:
     """A ledger, its producer, and the waits the drills need around it."""
 
-    def __init__(self, cluster: Cluster, name: str, rate: float = RATE) -> None:
+    def __init__(
+        self, cluster: Cluster, name: str, rate: float = RATE, max_seconds: float = 900.0
+    ) -> None:
         self.c = cluster
         self.ledger = Ledger(new_run_id(name))
-        self.producer = Producer(self.ledger, cluster.sender(self.ledger), rate=rate)
+        self.producer = Producer(
+            self.ledger, cluster.sender(self.ledger), rate=rate, max_seconds=max_seconds
+        )
         self.t_start = time.time()
         self._extra = 0
 
@@ -232,7 +236,9 @@ class TwoProducers:
         self, c: Cluster, name: str, remote_host: str, remote_seconds: float = 600
     ) -> None:
         self.c = c
-        self.load = Load(c, name)
+        # The controller's producer lasts at least as long as the remote one: an operation
+        # that outlasted its default 900 s (a rotation on a loaded machine) showed as a stall.
+        self.load = Load(c, name, max_seconds=max(remote_seconds, 900.0))
         self.remote = RemoteProducer(c, remote_host, self.load.ledger)
         self._remote_seconds = remote_seconds
 
