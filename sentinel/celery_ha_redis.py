@@ -34,6 +34,13 @@ Sub-commands:
       the input (a JSON object) with SENTINEL SET, leaving everything Sentinel decides (the
       master, epochs, known replicas) alone. Prints {"changed": bool, "before", "after"}.
       --check reports what would change without changing it.
+  sentinel-peers --name NAME [--host H] [--port P]
+      What the Sentinel knows of master NAME, read-only, as JSON:
+        {"master": "A:P", "master_flags": [...], "sentinels": [{"ip", "port", "flags"}, ...],
+         "replicas": [{"ip", "port", "flags"}, ...]}
+      (flags as Sentinel reports them: s_down, o_down, disconnected, ...). The playbook that
+      replaces a dead host reads it to tell a dead peer from a live one and to see when a
+      Sentinel has forgotten it after SENTINEL RESET.
 """
 
 from __future__ import annotations
@@ -267,6 +274,39 @@ def cmd_sentinel_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def peer_list(flat_entries: list[Any] | None) -> list[dict[str, Any]]:
+    peers = []
+    for flat in flat_entries or []:
+        entry = pairs_to_dict(flat)
+        peers.append(
+            {
+                "ip": entry.get("ip"),
+                "port": int(entry.get("port") or 0),
+                "flags": str(entry.get("flags") or "").split(","),
+            }
+        )
+    return peers
+
+
+def cmd_sentinel_peers(args: argparse.Namespace) -> int:
+    given = read_stdin()
+    conn = connect(args.host, args.port, None, given.get("password"))
+    try:
+        master = pairs_to_dict(conn.command("SENTINEL", "MASTER", args.name))
+        sentinels = conn.command("SENTINEL", "SENTINELS", args.name)
+        replicas = conn.command("SENTINEL", "REPLICAS", args.name)
+    finally:
+        conn.close()
+    result = {
+        "master": f"{master.get('ip')}:{master.get('port')}",
+        "master_flags": str(master.get("flags") or "").split(","),
+        "sentinels": peer_list(sentinels),
+        "replicas": peer_list(replicas),
+    }
+    print(json.dumps(result))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--tls-dir", help="connect with TLS, using DIR/ca.crt, cert.crt, cert.key")
@@ -295,6 +335,12 @@ def main() -> int:
     sync.add_argument("--port", type=int, default=26379)
     sync.add_argument("--check", action="store_true")
     sync.set_defaults(func=cmd_sentinel_sync)
+
+    peers = sub.add_parser("sentinel-peers", help="the master, Sentinels and replicas it knows")
+    peers.add_argument("--name", required=True)
+    peers.add_argument("--host", default="127.0.0.1")
+    peers.add_argument("--port", type=int, default=26379)
+    peers.set_defaults(func=cmd_sentinel_peers)
 
     args = parser.parse_args()
     global TLS_CONTEXT

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from support.cluster import Cluster
+from support.cluster import Cluster, Lab
 from support.drillkit import TwoProducers, record, say
 from support.ledger import longest_gap
 
@@ -20,11 +20,12 @@ GAP_GUARD_S = 30.0
 
 
 def run_playbook(
-    c: Cluster, playbook: str, *extra: str, timeout: float = 1200
+    c: Cluster, playbook: str, *extra: str, timeout: float = 1200, lab: Lab | None = None
 ) -> tuple[int, dict[str, dict[str, int]], str]:
-    """ansible-playbook PLAYBOOK (relative to ansible/) on the lab; (rc, recap, output tail)."""
+    """ansible-playbook PLAYBOOK (relative to ansible/) on the lab; (rc, recap, output tail).
+    ``lab``: the same lab seen through another inventory (default c.lab)."""
     t0 = time.time()
-    result = c.lab.playbook(*extra, timeout=timeout, name=playbook)
+    result = (lab or c.lab).playbook(*extra, timeout=timeout, name=playbook)
     say(f"{playbook} {' '.join(extra)}: rc={result[0]} in {time.time() - t0:.0f} s")
     return result
 
@@ -32,16 +33,20 @@ def run_playbook(
 class OpsDrill(TwoProducers):
     """The load around one operation: both producers, the clock, the closing checks."""
 
-    def __init__(self, c: Cluster, name: str, remote_host: str) -> None:
-        super().__init__(c, name, remote_host, remote_seconds=2400)
+    def __init__(
+        self, c: Cluster, name: str, remote_host: str, remote_seconds: float = 2400
+    ) -> None:
+        super().__init__(c, name, remote_host, remote_seconds=remote_seconds)
         self.t_op = 0.0
         self.t_op_end = 0.0
+        # Set by a drill whose operation follows a fault: the gap is measured from the fault.
+        self.t_fault: float | None = None
 
     def operate(
-        self, playbook: str, *extra: str, timeout: float = 1200
+        self, playbook: str, *extra: str, lab: Lab | None = None, timeout: float = 1200
     ) -> tuple[int, dict[str, dict[str, int]], str]:
         self.t_op = time.time()
-        result = run_playbook(self.c, playbook, *extra, timeout=timeout)
+        result = run_playbook(self.c, playbook, *extra, lab=lab, timeout=timeout)
         self.t_op_end = time.time()
         return result
 
@@ -50,8 +55,9 @@ class OpsDrill(TwoProducers):
         self.load.wait_done_after(time.time(), count=40, what="tasks after the operation")
         t_stop = time.time()
         self.remote.stop()
-        report = self.load.finish(gap_from=self.t_op, parked_ok=False, stop_at=t_stop)
-        window = (self.t_op, t_stop)
+        start = self.t_op if self.t_fault is None else min(self.t_fault, self.t_op)
+        report = self.load.finish(gap_from=start, parked_ok=False, stop_at=t_stop)
+        window = (start, t_stop)
         controller = [
             t
             for i, t in self.load.ledger.published.items()

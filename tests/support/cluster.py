@@ -40,10 +40,12 @@ CELERY_ENV = "/etc/celery-ha/celery.env"
 class Lab:
     """Thin wrapper over tests/lab/lab with the caller's LAB_* environment."""
 
-    def __init__(self, lab_dir: str | None = None) -> None:
+    def __init__(self, lab_dir: str | None = None, inventory: Path | None = None) -> None:
         self.lab_dir = Path(lab_dir or os.environ.get("LAB_DIR") or REPO / ".lab")
         self.script = REPO / "tests" / "lab" / "lab"
-        self.inventory = self.lab_dir / "inventory.ini"
+        # Another inventory of the same lab's hosts (a drill that changes the cluster's
+        # membership writes its own); the lab's generated one by default.
+        self.inventory = inventory or self.lab_dir / "inventory.ini"
         self.env = dict(os.environ, LAB_DIR=str(self.lab_dir))
         if "LAB_NET" not in os.environ and self.exists():
             # The lab script finds hosts by LAB_NET; a caller that only set LAB_DIR must not
@@ -211,19 +213,23 @@ class Cluster:
             **self.tls,
         )
 
+    def sentinel_client(self, host: str) -> redis.Redis:
+        """A direct connection to host's Sentinel (the caller closes it)."""
+        port = dict(self.sentinels).get(self.addresses[host], 26379)
+        return redis.Redis(
+            host=self.addresses[host],
+            port=port,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            **{k: v for k, v in self.sentinel_kwargs.items() if k in ("username", "password")},
+            **self.tls,
+        )
+
     def sentinel_views(self, hosts: Iterable[str] | None = None) -> dict[str, str | None]:
         """Which address each reachable Sentinel names as master (None = no answer)."""
         views: dict[str, str | None] = {}
         for host in hosts or self.sentinel_hosts:
-            port = dict(self.sentinels).get(self.addresses[host], 26379)
-            client = redis.Redis(
-                host=self.addresses[host],
-                port=port,
-                socket_timeout=2,
-                socket_connect_timeout=2,
-                **{k: v for k, v in self.sentinel_kwargs.items() if k in ("username", "password")},
-                **self.tls,
-            )
+            client = self.sentinel_client(host)
             try:
                 addr = client.execute_command(
                     "SENTINEL", "get-master-addr-by-name", self.master_name

@@ -456,6 +456,49 @@ def test_sentinel_sync_unknown_master_is_an_error(monkeypatch, sentinel_with_set
     assert "No such master" in out["error"]
 
 
+# --- sentinel-peers
+
+
+def test_sentinel_peers_reports_each_peer_with_its_flags(monkeypatch, serve) -> None:
+    def entry(ip: str, flags: str) -> list[str]:
+        return ["name", f"{ip}:1", "ip", ip, "port", "26379", "runid", "x", "flags", flags]
+
+    def respond(args: list[str]) -> Reply:
+        if args[0] == "AUTH":
+            return Simple("OK") if args[1:] == ["pw"] else Error("WRONGPASS")
+        if args == ["SENTINEL", "MASTER", "celery"]:
+            return ["name", "celery", "ip", "10.0.0.11", "port", "6379", "flags", "master"]
+        if args == ["SENTINEL", "SENTINELS", "celery"]:
+            return [entry("10.0.0.12", "sentinel"), entry("10.0.0.13", "s_down,sentinel")]
+        if args == ["SENTINEL", "REPLICAS", "celery"]:
+            return [entry("10.0.0.13", "s_down,slave,disconnected")]
+        return Error("ERR No such master with that name")
+
+    server = serve(respond)
+    argv = ["sentinel-peers", "--name", "celery", "--port", str(server.port)]
+    rc, out = run(monkeypatch, argv, {"password": "pw"})
+    assert rc == 0
+    assert out == {
+        "master": "10.0.0.11:6379",
+        "master_flags": ["master"],
+        "sentinels": [
+            {"ip": "10.0.0.12", "port": 26379, "flags": ["sentinel"]},
+            {"ip": "10.0.0.13", "port": 26379, "flags": ["s_down", "sentinel"]},
+        ],
+        "replicas": [
+            {"ip": "10.0.0.13", "port": 26379, "flags": ["s_down", "slave", "disconnected"]}
+        ],
+    }
+    # Read-only: the replacement playbook relies on it to look without touching.
+    assert all(args[0] in ("AUTH", "SENTINEL") for args in server.seen)
+    assert not [args for args in server.seen if args[1:2] in (["RESET"], ["SET"])]
+
+    argv = ["sentinel-peers", "--name", "other", "--port", str(server.port)]
+    rc, out = run(monkeypatch, argv, {"password": "pw"})
+    assert rc == 2
+    assert "No such master" in out["error"]
+
+
 # --- TLS
 
 
