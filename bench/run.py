@@ -336,28 +336,32 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
     }
 
 
-def _publish_worker(conf: dict[str, Any], n: int, start: Any) -> None:
-    start.wait()
-    publish_fill(conf, n)
-
-
 def publish_rate(conf: dict[str, Any], producers: int, n: int) -> float:
-    """Publishes/s of ``producers`` processes publishing n messages each at once into
-    FILL_QUEUE (each with its own connection, as separate client processes would)."""
-    import multiprocessing
+    """Publishes/s of ``producers`` threads publishing n messages each at once into
+    FILL_QUEUE, each with its own app and connection. Threads, not processes: a forked child
+    inherits the parent's connection pools and locks and hung here; a publish spends most of
+    its time waiting for the broker (and its replica), so threads do overlap."""
+    import threading
 
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Event()
-    procs = [ctx.Process(target=_publish_worker, args=(conf, n, start)) for _ in range(producers)]
-    for proc in procs:
-        proc.start()
-    time.sleep(1.0)  # every producer imported celery and waits at the start line
+    start = threading.Barrier(producers + 1)
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            start.wait()
+            publish_fill(conf, n)
+        except BaseException as exc:  # reported below, with the rate left out
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce, daemon=True) for _ in range(producers)]
+    for thread in threads:
+        thread.start()
+    start.wait()
     t0 = time.monotonic()
-    start.set()
-    for proc in procs:
-        proc.join(600)
-        if proc.exitcode != 0:
-            raise RuntimeError(f"a producer failed (exit code {proc.exitcode})")
+    for thread in threads:
+        thread.join(600)
+    if errors or any(t.is_alive() for t in threads):
+        raise RuntimeError(f"a producer failed or hung: {errors[:1]}")
     return producers * n / (time.monotonic() - t0)
 
 
@@ -487,9 +491,27 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
     processes = _default_queue_processes(c)
     rows: list[dict[str, Any]] = []
     extra: list[dict[str, Any]] = []
-    with bare_worker(c, processes) as (_host, bare, bare_url):
-        bare_rate = median([bare_drain(bare, bare_url, n) for _ in range(runs)])
-        say(f"bare worker, {processes} processes: {bare_rate} tasks/s")
+    with bare_worker(c, processes) as (bare_host, bare, bare_url):
+        bare_rates: list[float] = []
+        bare_cpu: list[float] = []
+        for _ in range(runs):
+            before = _cpu_by_unit(lab, [bare_host])
+            bare_rates.append(bare_drain(bare, bare_url, n))
+            after = _cpu_by_unit(lab, [bare_host])
+            bare_cpu.append(
+                sum(
+                    secs - before.get(key, 0.0)
+                    for key, secs in after.items()
+                    if key[1].startswith(("bench-worker", "bench-redis"))
+                )
+                * 1000
+                / n
+            )
+        bare_rate = median(bare_rates)
+        say(
+            f"bare worker, {processes} processes: {bare_rate} tasks/s, "
+            f"CPU s/1000 (worker and Redis) {median(bare_cpu)}"
+        )
         try:
             for name, overrides in COST_VARIANTS:
                 _set_overrides(c, overrides)
@@ -564,6 +586,7 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
         "tasks_per_run": n,
         "bare_processes": processes,
         "bare_worker_tasks_per_s": bare_rate,
+        "bare_cpu_s_per_1000": median(bare_cpu),
         "variants": rows,
         "side_by_side": extra,
     }
@@ -797,8 +820,9 @@ def table(results: dict[str, Any]) -> str:
     if costs:
         rows.append(
             (
-                f"cost table: bare worker, {costs['bare_processes']} processes (tasks/s)",
-                costs["bare_worker_tasks_per_s"],
+                f"cost table: bare worker, {costs['bare_processes']} processes",
+                f"{costs['bare_worker_tasks_per_s']} tasks/s; CPU s per 1000 tasks (its worker "
+                f"and Redis): {costs.get('bare_cpu_s_per_1000')}",
             )
         )
         for row in costs["variants"]:
