@@ -270,7 +270,7 @@ def cluster_drain(c: Cluster, conf: dict[str, Any], n: int, payload: str | None 
     master = c.master_client(c.broker_db)
     master.delete(FILL_QUEUE)
     publish_fill(conf, n, payload)
-    return drain_rate(c.master_client(c.broker_db), c.default_queue, n)
+    return drain_rate(master, c.default_queue, n)
 
 
 def bare_drain(
