@@ -44,6 +44,16 @@ class SettingsError(ValueError):
         super().__init__(f"{name}: {problem}")
 
 
+def parse_bool(text: str) -> bool | None:
+    """true/yes/1/on or false/no/0/off, any case; None for anything else."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    return None
+
+
 class _Env:
     """Typed access to the CELERY_HA_* variables of one environment mapping."""
 
@@ -88,11 +98,10 @@ class _Env:
         value = self.raw(key)
         if value is None:
             return default
-        if value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if value.lower() in ("false", "no", "0", "off"):
-            return False
-        raise SettingsError(PREFIX + key, f"must be true or false, got {value!r}")
+        flag = parse_bool(value)
+        if flag is None:
+            raise SettingsError(PREFIX + key, f"must be true or false, got {value!r}")
+        return flag
 
     def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
         value = self.raw(key)

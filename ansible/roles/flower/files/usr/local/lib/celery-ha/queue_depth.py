@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 # The exporter runs in the app's venv, next to celery_ha_boot.
 from celery_ha_exec import read_env_file
-from celery_ha_settings import BrokerLink, broker_link, log_level
+from celery_ha_settings import BrokerLink, broker_link, log_level, parse_bool
 
 log = logging.getLogger("queue_depth")
 
@@ -80,12 +80,10 @@ class Config:
 
 
 def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError(f"QUEUE_DEPTH_DISCOVER: not a boolean: {value!r}")
+    flag = parse_bool(value) if value.strip() else False
+    if flag is None:
+        raise ValueError(f"QUEUE_DEPTH_DISCOVER: not a boolean: {value!r}")
+    return flag
 
 
 def config_from_env(env: Mapping[str, str]) -> Config:
