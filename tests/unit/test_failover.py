@@ -656,3 +656,38 @@ def test_put_back_retries_on_the_next_master_until_a_replica_has_it(
     # Pushed twice (the unacknowledged try may have landed too): twice, never zero times.
     assert lists == {b"default": [b"message", b"message"]}
     assert not outcomes and pool.disconnected
+
+
+# ---------------------------------------------------------------------------------------
+# One client per pool for the commands kombu makes without one
+# ---------------------------------------------------------------------------------------
+class PoolChannel:
+    """What SentinelChannel.conn_or_acquire uses of a kombu channel: its pool, which kombu
+    replaces after a reconnect, and the client factory."""
+
+    _shared_client = None
+
+    def __init__(self) -> None:
+        self.pool = redis.ConnectionPool()
+        self.created = 0
+
+    def _create_client(self) -> redis.Redis:
+        self.created += 1
+        return redis.Redis(connection_pool=self.pool)
+
+
+def test_commands_without_a_client_share_one_per_pool() -> None:
+    channel = PoolChannel()
+    acquire = failover.SentinelChannel.conn_or_acquire
+    with acquire(channel) as first, acquire(channel) as second:  # type: ignore[arg-type]
+        assert first is second and first.connection_pool is channel.pool
+    given = redis.Redis(connection_pool=channel.pool)
+    with acquire(channel, given) as client:  # type: ignore[arg-type]
+        assert client is given
+    assert channel.created == 1
+
+    # A reconnect gives the channel a new pool: the next command must not use the old one.
+    channel.pool = redis.ConnectionPool()
+    with acquire(channel) as third:  # type: ignore[arg-type]
+        assert third is not first and third.connection_pool is channel.pool
+    assert channel.created == 2

@@ -43,6 +43,7 @@ way to pass another class, hence the copy of its pool factory below.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -52,7 +53,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any, ClassVar
 
@@ -651,6 +652,24 @@ class SentinelChannel(kombu_redis.SentinelChannel):
         )
         credentials = {k: params[k] for k in ("username", "password") if k in params}
         return manager.master_for(master_name, redis.Redis, **credentials).connection_pool
+
+    _shared_client: redis.Redis | None = None
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: redis.Redis | None = None) -> Iterator[redis.Redis]:
+        # kombu 5.6.2 builds a new redis.Redis for every publish, ack and unacked-index update
+        # made without a client, several per task; redis-py copies its ~250 response callbacks
+        # into a CaseInsensitiveDict in each Redis() (redis/redis-py#3624), 0.14 ms apiece,
+        # a fifth of a worker's main process under load. One per pool does the same job: a
+        # Redis object holds no connection, each command takes one from the pool and gives
+        # it back. The polling client (BRPOP) stays kombu's own.
+        if client:
+            yield client
+            return
+        shared = self._shared_client
+        if shared is None or shared.connection_pool is not self.pool:
+            shared = self._shared_client = self._create_client()
+        yield shared
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.6.2's own method, except that a message whose delivery fails for a lost
