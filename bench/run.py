@@ -431,19 +431,22 @@ def _cpu_component(unit: str, host: str, master: str) -> str | None:
 
 
 def _set_overrides(c: Cluster, overrides: dict[str, str]) -> None:
-    """Put the override lines at the end of every worker env file (none = the defaults) and
-    restart the workers; wait until every one of them answers again."""
+    """Put the override lines at the end of every worker env file and of Flower's (none = the
+    defaults) and restart them; wait until every worker answers again. Flower gets them too
+    because it follows CELERY_HA_TASK_EVENTS: with its own default it would switch task
+    events back on in every worker within 5 s."""
     # An env file has no trailing comments: the mark is a line of its own, above the block.
     block = "".join(f"{k}={v}\n" for k, v in overrides.items())
     block = f"{BENCH_MARK}\n{block}" if block else ""
-    for host in c.worker_hosts:
+    for host in sorted(set(c.worker_hosts) | set(c.lab.group("flower"))):
         c.lab.ssh(
             host,
-            f"for f in /etc/celery-ha/worker-*.env; do sed -i '/^{BENCH_MARK}$/,$d' $f; "
+            "for f in /etc/celery-ha/worker-*.env /etc/celery-ha/flower.env; do "
+            f"[ -f $f ] || continue; sed -i '/^{BENCH_MARK}$/,$d' $f; "
             f"printf %s {shlex.quote(block)} >> $f; done; "
             "if systemctl is-active --quiet supervisor; then "
             "supervisorctl restart all >/dev/null; fi; "
-            "systemctl restart --no-block 'celery-worker@*'",
+            "systemctl restart --no-block 'celery-worker@*' 'flower.service'",
             timeout=300,
         )
     want = expected_workers(c)
@@ -455,6 +458,21 @@ def _set_overrides(c: Cluster, overrides: dict[str, str]) -> None:
         wrong = {k: conf.get(k) for k in VARIANT_KEYS if k in conf and conf[k] != expected.get(k)}
         if wrong:
             raise RuntimeError(f"{node} does not run the variant {overrides}: {wrong}")
+
+
+def _events_enabled_by_remote(c: Cluster, since: float) -> int:
+    """Worker processes that logged task events switched on by a remote control command (as
+    Flower's --enable_events does) after ``since``: a variant without events must have none."""
+    total = 0
+    for host in c.worker_hosts:
+        out = c.lab.ssh(
+            host,
+            f"journalctl --since @{since:.3f} --no-pager | "
+            "grep -cF 'Events of group {task} enabled by remote' || true",
+            check=False,
+        )
+        total += int(out.strip() or 0)
+    return total
 
 
 def _default_queue_processes(c: Cluster) -> int:
@@ -514,6 +532,7 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
         )
         try:
             for name, overrides in COST_VARIANTS:
+                since = time.time()
                 _set_overrides(c, overrides)
                 master = c.master_host()
                 conf = cluster_publish_conf(c, overrides)
@@ -526,6 +545,9 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
                     time.sleep(1.0)
                     for k, v in _cpu_per_1000(before, _cpu_by_unit(lab, hosts), master, n).items():
                         cpu_runs.setdefault(k, []).append(v)
+                enabled = _events_enabled_by_remote(c, since)
+                if enabled:
+                    raise RuntimeError(f"{name}: {enabled} worker(s) had task events switched on")
                 rate = median(rates)
                 cpu = {k: median(v) for k, v in sorted(cpu_runs.items())}
                 rows.append(

@@ -54,6 +54,20 @@ def test_flower_and_exporter_running(host, flower_host: str) -> None:
     assert nginx.is_enabled and nginx.is_running
 
 
+def test_flower_leaves_task_events_as_the_cluster_sets_them(host, flower_host: str) -> None:
+    # Flower's own default re-enables task events in every worker every 5 s, which would
+    # silently undo celery_task_events: false.
+    wanted = re.search(
+        r"^CELERY_HA_TASK_EVENTS=(\S+)$",
+        host.file("/etc/celery-ha/celery.env").content_string,
+        re.M,
+    )
+    assert wanted, "celery.env names no CELERY_HA_TASK_EVENTS"
+    pid = host.check_output("pgrep -o -f 'celery_ha_boot flower'")
+    argv = host.file(f"/proc/{pid}/cmdline").content_string.split("\0")
+    assert f"--enable_events={wanted.group(1)}" in argv, argv
+
+
 def test_flower_runs_as_the_service_user(host, flower_host: str) -> None:
     users = host.check_output("ps -o user= -C celery").split()
     assert users and set(users) == {"celery"}, users

@@ -29,7 +29,12 @@ DEFAULTS: dict[str, dict[str, str]] = {
         "CELERY_HA_LOG_LEVEL": "INFO",
     },
     "beat": {"CELERY_HA_LOG_LEVEL": "INFO"},
-    "flower": {"CELERY_HA_LOG_LEVEL": "INFO", "FLOWER_ADDRESS": "127.0.0.1", "FLOWER_PORT": "5556"},
+    "flower": {
+        "CELERY_HA_LOG_LEVEL": "INFO",
+        "CELERY_HA_TASK_EVENTS": "true",
+        "FLOWER_ADDRESS": "127.0.0.1",
+        "FLOWER_PORT": "5556",
+    },
 }
 
 
@@ -125,7 +130,14 @@ def command(
             f"--loglevel={level}",
         ]
     if kind == "flower":
-        return [celery, "-A", "celery_ha_boot", "flower", f"--loglevel={level}"]
+        return [
+            celery,
+            "-A",
+            "celery_ha_boot",
+            "flower",
+            f"--loglevel={level}",
+            f"--enable_events={env['CELERY_HA_TASK_EVENTS']}",
+        ]
     raise ValueError(f"unknown program {kind!r} (worker NAME | beat | flower)")
 
 
