@@ -11,11 +11,12 @@ side by side in the same invocation on the same lab:
             `celery worker` with default settings on a throwaway plain Redis on one lab host,
             vs that Redis' ceiling (redis-benchmark LPUSH/RPOP); plus the ratios
   costs     the cost table: from the deployed defaults, one setting changed at a time on
-            every worker (events, result storage, prefetch, acks_late, compression, pool and
-            concurrency, the publish's WAIT), each as tasks/s and a ratio to the bare worker
-            run with as many pool processes, plus CPU seconds per 1000 tasks by component
-            (workers, master, replicas, Sentinels, Flower, exporter, beat) from each process's
-            own accounting (/proc/PID/stat); the settings go back to the defaults at the end
+            every worker and Flower (events, result storage, prefetch, acks_late, compression,
+            log level, pool and concurrency, the publish's WAIT), each as tasks/s and a ratio
+            to the bare worker run with as many pool processes, plus CPU seconds per 1000
+            tasks by component (workers, master, replicas, Sentinels, Flower, exporter, beat,
+            journald) from each process's own accounting (/proc/PID/stat); the settings go
+            back to the defaults at the end
   connections  the connections each client process holds on the master, each replica and
             each Sentinel (CLIENT LIST on the servers, matched to the process that owns each
             source port on its host): the per-unit costs behind README's Scaling section
@@ -379,6 +380,7 @@ COST_VARIANTS: list[tuple[str, dict[str, str]]] = [
     ("acks_late off (loses a killed worker's tasks)", {"CELERY_HA_ACKS_LATE": "false"}),
     ("publishes not waiting for a replica", {"CELERY_HA_PUBLISH_WAIT_REPLICAS": "0"}),
     ("compression gzip", {"CELERY_HA_COMPRESSION": "gzip"}),
+    ("log level WARNING (no line per task)", {"CELERY_HA_LOG_LEVEL": "WARNING"}),
     ("threads pool", {"CELERY_HA_WORKER_POOL": "threads"}),
     ("concurrency 4 per instance", {"CELERY_HA_WORKER_CONCURRENCY": "4"}),
     (
@@ -427,6 +429,9 @@ def _cpu_component(unit: str, host: str, master: str) -> str | None:
         return "exporter"
     if unit.startswith("celery-beat"):
         return "beat"
+    if unit == "systemd-journald.service":
+        # Every host's, for every process's lines: mostly the workers' two per task at INFO.
+        return "journald"
     return None
 
 
