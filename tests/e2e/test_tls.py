@@ -72,7 +72,12 @@ def rogue(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "--cert", f"{d}/client.crt", "--key", f"{d}/client.key", "--name", "rogue",
         "--usage", "client", "--days", "1", "--renew-days", "0",
     )  # fmt: skip
-    return {"ca": f"{d}/ca.crt", "cert": f"{d}/client.crt", "key": f"{d}/client.key"}
+    return {
+        "ca": f"{d}/ca.crt",
+        "ca_key": f"{d}/ca.key",
+        "cert": f"{d}/client.crt",
+        "key": f"{d}/client.key",
+    }
 
 
 def test_every_endpoint_answers_over_tls(lab: LabInventory, tls: dict) -> None:
@@ -170,4 +175,20 @@ def test_switching_tls_off_on_a_running_cluster_is_refused_before_any_change(
     assert proc.returncode != 0, out[-3000:]
     assert "already run with TLS" in " ".join(out.split())  # the message may be wrapped
     # The preflight stopped the run: no play past it started.
+    assert "PLAY [Redis servers]" not in out
+
+
+def test_a_ca_the_cluster_does_not_trust_is_refused_before_any_change(
+    lab: LabInventory, rogue: dict[str, str]
+) -> None:
+    # Naming another CA in the inventory would re-issue every certificate in one run, and the
+    # servers would refuse each other until all had moved: only rotate_ca.yml changes the CA.
+    proc = lab.site_yml(
+        "-e", f"redis_tls_ca_cert={rogue['ca']}", "-e", f"redis_tls_ca_key={rogue['ca_key']}",
+        timeout=300,
+    )  # fmt: skip
+    out = " ".join((proc.stdout + proc.stderr).split())  # the message may be wrapped
+    assert proc.returncode != 0, out[-3000:]
+    assert f"redis_tls_ca_cert is '{rogue['ca']}'" in out, out[-3000:]
+    assert "rotate_ca.yml" in out
     assert "PLAY [Redis servers]" not in out
