@@ -451,7 +451,11 @@ def _set_overrides(c: Cluster, overrides: dict[str, str]) -> None:
             f"printf %s {shlex.quote(block)} >> $f; done; "
             "if systemctl is-active --quiet supervisor; then "
             "supervisorctl restart all >/dev/null; fi; "
-            "systemctl restart --no-block 'celery-worker@*' 'flower.service'",
+            "systemctl restart --no-block 'celery-worker@*'; "
+            # Waited for (nothing pings Flower): the old process must be gone before the
+            # next CPU reading, or its seconds would vanish from the sum.
+            "if systemctl cat flower.service >/dev/null 2>&1; then "
+            "systemctl restart flower.service; fi",
             timeout=300,
         )
     want = expected_workers(c)
