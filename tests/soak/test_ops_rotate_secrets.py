@@ -76,14 +76,18 @@ def sentinel_on(c: Cluster, host: str, password: str | None, timeout: float = 3)
     )
 
 
-def sentinel_accepts(c: Cluster, host: str, password: str) -> bool:
-    client = sentinel_on(c, host, password)
+def logs_in(client: redis.Redis) -> bool:
+    """Whether the server takes the client's credentials (a refusal is False, not an error)."""
     try:
         return bool(client.ping())
     except redis.AuthenticationError:
         return False
     finally:
         client.close()
+
+
+def sentinel_accepts(c: Cluster, host: str, password: str) -> bool:
+    return logs_in(sentinel_on(c, host, password))
 
 
 def refusals(c: Cluster, admin_password: str) -> dict[str, dict[str, int]]:
@@ -240,12 +244,7 @@ def sentinel_pids(c: Cluster) -> dict[str, str]:
 def accepted(c: Cluster, host: str, user: str, password: str) -> bool:
     client = c.redis_on(host)
     client.connection_pool.connection_kwargs.update(username=user, password=password)
-    try:
-        return bool(client.ping())
-    except redis.AuthenticationError:
-        return False
-    finally:
-        client.close()
+    return logs_in(client)
 
 
 def rotate_under_load(
