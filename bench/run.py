@@ -469,21 +469,6 @@ def _set_overrides(c: Cluster, overrides: dict[str, str]) -> None:
             raise RuntimeError(f"{node} does not run the variant {overrides}: {wrong}")
 
 
-def _events_enabled_by_remote(c: Cluster, since: float) -> int:
-    """Worker processes that logged task events switched on by a remote control command (as
-    Flower's --enable_events does) after ``since``: a variant without events must have none."""
-    total = 0
-    for host in c.worker_hosts:
-        out = c.lab.ssh(
-            host,
-            f"journalctl --since @{since:.3f} --no-pager | "
-            "grep -cF 'Events of group {task} enabled by remote' || true",
-            check=False,
-        )
-        total += int(out.strip() or 0)
-    return total
-
-
 def _default_queue_processes(c: Cluster) -> int:
     """Pool processes of the instances that consume the default queue, summed over hosts."""
     total = 0
@@ -554,7 +539,11 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
                     time.sleep(1.0)
                     for k, v in _cpu_per_1000(before, _cpu_by_unit(lab, hosts), master, n).items():
                         cpu_runs.setdefault(k, []).append(v)
-                enabled = _events_enabled_by_remote(c, since)
+                # What a worker logs when a remote control command (Flower's --enable_events)
+                # switches its task events on: a variant without events must have none.
+                enabled = journal_count(
+                    c, since, "Events of group {task} enabled by remote", c.worker_hosts
+                )
                 if enabled:
                     raise RuntimeError(f"{name}: {enabled} worker(s) had task events switched on")
                 rate = median(rates)
@@ -746,13 +735,17 @@ def bench_connections(lab: Lab) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # failover
 # ------------------------------------------------------------------------------------------
-def journal_count(c: Cluster, since: float, needle: str) -> int:
-    """How many lines with ``needle`` the reachable Sentinels logged after ``since``."""
+def journal_count(
+    c: Cluster, since: float, needle: str, hosts: list[str], unit: str | None = None
+) -> int:
+    """How many lines with ``needle`` the reachable ``hosts`` logged after ``since`` (in
+    ``unit``'s journal, or all of it)."""
     total = 0
-    for host in c.sentinel_hosts:
+    only = f"-u {unit} " if unit else ""
+    for host in hosts:
         out = c.lab.ssh(
             host,
-            f"journalctl -u {c.flavor.sentinel_unit} --since @{since:.3f} --no-pager | grep -cF -- "
+            f"journalctl {only}--since @{since:.3f} --no-pager | grep -cF -- "
             f"{shlex.quote(needle)} || true",
             check=False,
         )
@@ -782,7 +775,10 @@ def failover_once(c: Cluster, workers: list[str], first_sentinel: bool) -> dict[
         "first_sentinel": first_sentinel,
         "election_s": None if switch is None else round(switch - t_crash, 2),
         # A second round: an election that was abandoned (split vote, no leader in time).
-        "retried": journal_count(c, t_crash - 1, "-failover-abort-not-elected") > 0,
+        "retried": journal_count(
+            c, t_crash - 1, "-failover-abort-not-elected", c.sentinel_hosts, c.flavor.sentinel_unit
+        )
+        > 0,
         "gap_s": round(report.gap[0], 2) if report.gap else None,
         "publish_stall_s": round(stall, 2),
         "lost": len(report.lost),
