@@ -42,7 +42,9 @@ venv: $(BIN)/.installed $(PTH) ## controller tools, pinned, in .venv/
 # its driver: the Flower browser test; shellcheck: make lint, which installs only its own so
 # that linting does not pull in a browser. The lab installs its own packages (tests/lab/lab up).
 LINT_DEPS   := shellcheck
-DEBIAN_DEPS := python3-venv chromium chromium-driver $(LINT_DEPS)
+# redis-tools: a real Redis server (its redis-check-rdb) for the unit tests of the in-flight list.
+UNIT_DEPS   := redis-tools
+DEBIAN_DEPS := python3-venv chromium chromium-driver $(LINT_DEPS) $(UNIT_DEPS)
 # Every shell script in the repository, found by its shebang so that a new one is linted too.
 SHELL_SCRIPTS = $(shell git ls-files -z | xargs -0 awk 'FNR == 1 && /^\#!.*[\/ ](ba)?sh( |$$)/ {print FILENAME} {nextfile}')
 
@@ -58,6 +60,7 @@ lint: venv ## ansible-lint (production profile), yamllint, ruff, shellcheck
 	$(BIN)/ruff format --check .
 
 unit: venv ## unit tests (no hosts needed)
+	@tests/install-deps.sh $(UNIT_DEPS)
 	$(BIN)/pytest -q tests/unit
 
 lab-up: deps ## raise the local lab of three hosts

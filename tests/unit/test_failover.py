@@ -567,6 +567,7 @@ class PoppingChannel:
     connection_errors = (redis.exceptions.ConnectionError,)
     sep = "\x06\x16"
     publish_wait_replicas, publish_wait_timeout = 1, 1000
+    _fetching = None  # BRPOP: the worker was given no in-flight list
 
     def __init__(self, deliver_error: Exception | None) -> None:
         self.client = self

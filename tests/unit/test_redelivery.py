@@ -56,6 +56,10 @@ class FakeRedis:
         self._check()
         return True
 
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        self._check()
+        return {}  # no worker fetches through an in-flight list here (test_inflight.py)
+
     def lock(self, name: str, timeout: int) -> FakeLock:
         self._check()
         return FakeLock(self, name)

@@ -96,6 +96,8 @@ def test_reliable_delivery_and_events() -> None:
     assert settings["result_backend_max_sleep_between_retries_ms"] == 500
     # A publish returns only once a replica has the message as well.
     assert settings["broker_transport_options"]["publish_wait_replicas"] == 1
+    # One list per queue: what lets a one-queue worker fetch through its in-flight list.
+    assert settings["broker_transport_options"]["priority_steps"] == [0]
     assert settings["broker_transport_options"]["publish_wait_timeout"] == 1000
     assert settings["worker_send_task_events"] is True
     assert settings["task_send_sent_event"] is True

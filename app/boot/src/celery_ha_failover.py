@@ -615,6 +615,43 @@ def _wrap_socket_with_ssl(self: redis.connection.SSLConnection, sock: socket.soc
 # ---------------------------------------------------------------------------------------
 # kombu
 # ---------------------------------------------------------------------------------------
+# A worker of several queues waits on one at a time for this long (s) when all were empty: a
+# message in another queue waits at most this long when the worker is idle.
+MULTI_QUEUE_WAIT = 0.25
+# The first message of several queues, moved into that queue's in-flight list, non-blocking.
+# KEYS: queue 1, its in-flight list, queue 2, its in-flight list, ...
+_FETCH_FIRST = """
+for i = 1, #KEYS, 2 do
+    local item = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'RIGHT', 'LEFT')
+    if item then return {KEYS[i], item} end
+end
+return false
+"""
+
+
+class InflightQoS(kombu_redis.QoS):
+    """kombu's QoS, whose unacked write also takes the message out of the channel's in-flight
+    list, in the same MULTI: at every moment the message is in the queue, in the in-flight
+    list or in the unacked hash, never only in a process's memory."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        moving = self.channel._moving
+        if moving is None:
+            return super().append(message, delivery_tag)
+        key, item = moving
+        delivery = message.delivery_info
+        raw = kombu_redis.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag, raw)
+            pipe.lrem(key, 1, item)
+            pipe.execute()
+        self.channel._moving = None
+        # kombu's virtual QoS: the delivered set (what the redelivery refresher re-scores).
+        super(kombu_redis.QoS, self).append(message, delivery_tag)
+        return None
+
+
 class SentinelChannel(kombu_redis.SentinelChannel):
     """kombu's Sentinel channel with FastSentinel, and publishes that may wait for a replica."""
 
@@ -671,12 +708,127 @@ class SentinelChannel(kombu_redis.SentinelChannel):
             shared = self._shared_client = self._create_client()
         yield shared
 
+    QoS = InflightQoS
+    # Set by the worker (celery_ha_redelivery) once it has put back what an earlier run of
+    # the same worker left in its in-flight lists: from then on messages are fetched into
+    # them (one list per queue: inflight_list()).
+    inflight_prefix: str | None = None
+    _fetching: str | None = None  # the queue list the pending fetch takes from, or "*": all
+    _block_next = False  # several queues: the last non-blocking fetch found nothing
+    _moving: tuple[str, bytes] | None = None  # (in-flight list, message) being delivered
+
+    def inflight_sources(self) -> list[str]:
+        """The lists this channel consumes from, in kombu's fair order."""
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        return [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+
+    def inflight_list(self, source: str) -> str:
+        assert self.inflight_prefix is not None
+        return f"{self.inflight_prefix}:{source}"
+
+    def inflight_lists(self, queues: Iterable[str]) -> dict[str, str]:
+        """In-flight list: its queue's list, for each list of ``queues``."""
+        sources = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+        return {self.inflight_list(source): source for source in sources}
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        # kombu's BRPOP takes the message off its queue, and kombu records it as unacked only
+        # with its next command: a worker killed in between (SIGKILL, the OOM killer, a host
+        # crash, or a warm shutdown that drops a reply still in the socket, celery/celery#4354)
+        # loses it (celery/kombu#305; failover drill 1 lost one so in CI). Here the fetch moves
+        # it into the worker's in-flight list of that queue, atomically on the server;
+        # InflightQoS takes it out as it records it, and what a dead worker left there goes
+        # back to its queue (celery_ha_redelivery).
+        if self.inflight_prefix is None or self.global_keyprefix:
+            self._fetching = None
+            return super()._brpop_start(timeout)
+        sources = self.inflight_sources()
+        if not sources:
+            return None
+        wait = self.brpop_timeout if timeout is None else timeout
+        send = self.client.connection.send_command
+        self._in_poll = self.client.connection
+        if len(sources) == 1 or self._block_next:
+            # BLMOVE waits on one list only: with several queues it waits on each in turn,
+            # briefly, after a non-blocking look at all of them found nothing.
+            source = sources[0]
+            if len(sources) > 1:
+                wait = min(wait or MULTI_QUEUE_WAIT, MULTI_QUEUE_WAIT)
+            self._fetching = source
+            send("BLMOVE", source, self.inflight_list(source), "RIGHT", "LEFT", wait or 0)
+        else:
+            self._fetching = "*"
+            keys = [k for source in sources for k in (source, self.inflight_list(source))]
+            send("EVAL", _FETCH_FIRST, len(keys), *keys)
+        return None
+
+    def _fetch_read(self) -> bool:
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "BLMOVE")
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if self._fetching == "*":
+                self._block_next = reply is None
+                source, item = (None, None) if reply is None else reply
+            else:
+                if self._block_next and reply is None:
+                    # Nothing in this queue either: wait on the next one the next time.
+                    self._queue_cycle.rotate(self._fetching)
+                self._block_next = False
+                source, item = self._fetching, reply
+            if item is None:
+                raise queue.Empty()
+            source = kombu_redis.bytes_to_str(source)
+            self._moving = (self.inflight_list(source), item)
+            queue_name = source.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue_name)
+            try:
+                self.connection._deliver(
+                    kombu_redis.loads(kombu_redis.bytes_to_str(item)), queue_name
+                )
+            except self.connection_errors:
+                # Not put back: the message is in the in-flight list on the master that
+                # moved it, or still in its queue if that master died before replicating the
+                # move. Either way the worker's restart, or the sweep of a dead worker's
+                # lists, hands it out again.
+                raise
+            except Exception:
+                # What kombu would have dropped (a message it cannot decode) is dropped here
+                # too, or it would come back forever.
+                log.exception("celery-ha: dropping a message that could not be delivered")
+                self._forget_moving()
+                raise
+            # A consumer without acks records nothing: the message is its own now.
+            self._forget_moving()
+            return True
+        finally:
+            self._moving = None
+            self._in_poll = None
+
+    def _poll_error(self, type: str, **options: Any) -> Any:
+        # kombu reads and discards the reply after a poll error; a moved message must be
+        # delivered (recorded) instead of left in the in-flight list of a live worker.
+        if type == "BRPOP" and self._fetching is not None:
+            return self._fetch_read()
+        return super()._poll_error(type, **options)
+
+    def _forget_moving(self) -> None:
+        if self._moving is not None:
+            key, item = self._moving
+            with self.conn_or_acquire() as client:
+                client.lrem(key, 1, item)
+            self._moving = None
+
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.6.2's own method, except that a message whose delivery fails for a lost
         # connection goes back to its list. BRPOP has taken it off the queue, and kombu records
         # it in the unacked hash only with its next command (QoS.append): when the master dies
         # in between, that command fails and kombu drops the message, which then never runs
         # (celery/kombu#305; lost once in failover drill 1, by a worker on a surviving host).
+        if self._fetching is not None:
+            return self._fetch_read()
         try:
             try:
                 popped = self.client.parse_response(self.client.connection, "BRPOP", **options)

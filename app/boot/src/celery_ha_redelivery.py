@@ -17,6 +17,12 @@ tasks waiting an hour. So here:
   that sweep is left alone with the long visibility timeout as a backstop for clients that do
   not run this code.
 
+* each worker that fetches with BLMOVE (celery_ha_failover: one queue per worker) has an
+  in-flight list, where a message sits from its fetch to its unacked write: a worker puts
+  back what its own earlier run left there before it consumes, marks its list alive every
+  ``interval`` seconds, and the sweep puts back the list of a worker not alive for
+  ``stale_after`` seconds (a host that does not come back).
+
 A sweeper only sweeps once its own refreshes have succeeded for ``stale_after`` seconds in a
 row: after a broker failover every score is as old as the outage, and a worker that is back
 first must give the others time to refresh theirs before it calls anything abandoned.
@@ -30,6 +36,7 @@ finishes its tasks), a daemon thread does the refreshing over a connection of it
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -48,6 +55,96 @@ INTERVAL_SETTING = "celery_ha_redelivery_interval"
 MIN_MISSED_REFRESHES = 3
 
 Restore = Callable[[str, Any], None]
+
+# Every worker's in-flight lists (celery_ha_failover.SentinelChannel), one per queue, with
+# their queue and when their worker last marked them alive: field = list, value = JSON
+# {"source": queue list, "alive": wall time}.
+INFLIGHT_REGISTRY = "celery-ha.inflight"
+INFLIGHT_PREFIX = "celery-ha.inflight."
+
+# Puts a list's messages back at the end of their queue that is popped next, and forgets the
+# list, unless its worker marked it alive since the caller read the registry (ARGV[2]).
+# KEYS: registry, in-flight list, queue. ARGV: the list's field, the value read.
+_PUT_BACK_LIST = """
+local seen = redis.call('HGET', KEYS[1], ARGV[1])
+if seen ~= ARGV[2] then return -1 end
+local items = redis.call('LRANGE', KEYS[2], 0, -1)
+for i = 1, #items do redis.call('RPUSH', KEYS[3], items[i]) end
+redis.call('DEL', KEYS[2])
+redis.call('HDEL', KEYS[1], ARGV[1])
+return #items
+"""
+
+
+def inflight_prefix(nodename: str) -> str:
+    """Where a worker's in-flight lists are named: after its node name, which its restart
+    keeps, so that it finds what its earlier run left."""
+    return INFLIGHT_PREFIX + nodename
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry(seen: Any) -> tuple[str, float] | None:
+    try:
+        entry = json.loads(_text(seen))
+        return str(entry["source"]), float(entry["alive"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def put_back_list(client: Any, key: str, seen: Any) -> int:
+    """Put back the messages of in-flight list ``key`` into the queue its registry entry
+    ``seen`` names, atomically; -1 if its worker marked it alive meanwhile."""
+    entry = _entry(seen)
+    if entry is None:
+        logger.error("redelivery: unreadable in-flight registry entry %s: %r", key, seen)
+        return -1
+    return int(client.eval(_PUT_BACK_LIST, 3, INFLIGHT_REGISTRY, key, entry[0], key, seen))
+
+
+def mark_alive(client: Any, lists: dict[str, str], now: float) -> None:
+    """Register ``lists`` (in-flight list: its queue) as held by a live worker."""
+    alive = round(now, 3)
+    client.hset(
+        INFLIGHT_REGISTRY,
+        mapping={k: json.dumps({"source": s, "alive": alive}) for k, s in lists.items()},
+    )
+
+
+def adopt_inflight(client: Any, prefix: str, lists: dict[str, str], now: float) -> int:
+    """At a worker's start, before it consumes: put back what its earlier run left in its
+    in-flight lists (nothing of this run is in flight yet), then register ``lists``."""
+    registry = {_text(k): v for k, v in (client.hgetall(INFLIGHT_REGISTRY) or {}).items()}
+    # A list of this worker with no entry (the registry was lost): its messages came from
+    # the queue it is named after, as the worker names them.
+    orphans = {k: s for k, s in lists.items() if k not in registry}
+    if orphans:
+        mark_alive(client, orphans, now)
+        registry.update(zip(orphans, client.hmget(INFLIGHT_REGISTRY, list(orphans)), strict=True))
+    restored = sum(
+        max(0, put_back_list(client, key, seen))
+        for key, seen in registry.items()
+        if key.startswith(prefix + ":")
+    )
+    if lists:
+        mark_alive(client, lists, now)
+    return restored
+
+
+def sweep_inflight(client: Any, ceiling: float, own: Iterable[str] = ()) -> list[str]:
+    """Put back the in-flight lists of workers not alive since ``ceiling``; their names."""
+    mine = set(own)
+    swept = []
+    for raw_key, seen in (client.hgetall(INFLIGHT_REGISTRY) or {}).items():
+        key = _text(raw_key)
+        entry = _entry(seen)
+        if key in mine or entry is None or entry[1] > ceiling:
+            continue
+        if put_back_list(client, key, seen) >= 0:
+            swept.append(key)
+    return swept
 
 
 def stale_after(timeout: float, interval: float) -> float:
@@ -93,6 +190,8 @@ class Redelivery:
         self.clock = clock
         # Wall time since which every refresh succeeded; None right after a failure.
         self.healthy_since: float | None = None
+        # This worker's in-flight lists, each with its queue (celery_ha_failover).
+        self.inflight: dict[str, str] = {}
 
     def refresh(self, client: Any, tags: Iterable[str]) -> int:
         """Re-score the messages this worker holds. XX: never re-add a message that was
@@ -101,7 +200,9 @@ class Redelivery:
         now = self.clock()
         if held:
             client.zadd(self.index_key, dict.fromkeys(held, now), xx=True)
-        else:
+        if self.inflight:
+            mark_alive(client, self.inflight, now)
+        elif not held:
             # Holding nothing, this worker must still learn of an outage: it decides whether
             # its sweeps may run (healthy_since).
             client.ping()
@@ -130,9 +231,17 @@ class Redelivery:
             stale = client.zrangebyscore(self.index_key, 0, ceiling, start=0, num=self.sweep_limit)
             restored = []
             for raw in stale or []:
-                tag = raw.decode() if isinstance(raw, bytes) else str(raw)
+                tag = _text(raw)
                 restore(tag, client)
                 restored.append(tag)
+            lists = sweep_inflight(client, ceiling, self.inflight)
+            if lists:
+                logger.warning(
+                    "redelivery: in-flight list(s) of worker(s) gone for %.0f s put back in "
+                    "their queues: %s",
+                    self.stale_after,
+                    ", ".join(lists),
+                )
             return restored
         finally:
             # Expired meanwhile: nothing left to release.
@@ -294,6 +403,7 @@ class RedeliveryStep(bootsteps.StartStopStep):
                 index_key=channel.unacked_index_key,
                 mutex_key=channel.unacked_mutex_key,
             )
+        self._adopt_inflight(c, channel)
         if _blocks_event_loop(c):
             self.thread = RefreshThread(c.app, self.logic, channel, sweep=True)
             self.thread.start()
@@ -306,8 +416,33 @@ class RedeliveryStep(bootsteps.StartStopStep):
             self.timeout,
         )
 
+    def _adopt_inflight(self, c: Any, channel: Any) -> None:
+        """Fetch through in-flight lists (celery_ha_failover) where the channel can, once
+        what an earlier run of this worker left in them is back in its queues. A broker error
+        here fails the consumer's start, which celery retries as a lost connection."""
+        assert self.logic is not None
+        if not hasattr(channel, "inflight_list") or channel.global_keyprefix:
+            self.logic.inflight = {}
+            return
+        prefix = inflight_prefix(c.hostname)
+        channel.inflight_prefix = prefix
+        # The queues it is about to consume: the channel consumes only once the loop runs.
+        lists = channel.inflight_lists(q.name for q in c.task_consumer.queues)
+        with channel.conn_or_acquire() as client:
+            restored = adopt_inflight(client, prefix, lists, self.logic.clock())
+        if restored:
+            logger.warning(
+                "redelivery: %d message(s) this worker was taking when it stopped are back "
+                "in their queues",
+                restored,
+            )
+        self.logic.inflight = lists
+
     def _tick(self, channel: Any) -> None:
         assert self.logic is not None
+        if self.logic.inflight and channel.active_queues:
+            # A queue added or cancelled at run time (celery control add_consumer) too.
+            self.logic.inflight = channel.inflight_lists(channel.active_queues)
         try:
             with channel.conn_or_acquire() as client:
                 self.logic.tick(client, held_tags(channel), channel.qos.restore_by_tag)

@@ -496,6 +496,11 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             "master_name": master_name,
             "sentinel_kwargs": dict(sentinel_kwargs),
             "visibility_timeout": visibility_timeout,
+            # One list per queue, not kombu's four priority sub-lists: a worker of one queue
+            # then fetches with BLMOVE through an in-flight list, and a worker killed as it
+            # takes a message does not lose it (celery_ha_failover.SentinelChannel). Task
+            # priorities are not honoured on this broker (give urgent tasks their own queue).
+            "priority_steps": [0],
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": connect_timeout,
             "socket_keepalive": True,
