@@ -322,25 +322,37 @@ class RemoteProducer:
             f"remote_producer.py {args} > {self.out}.err 2>&1 < /dev/null & }}",
         )
 
+    def _pattern(self) -> str:
+        # This run's producer only: one left hanging by an earlier drill must not be taken
+        # for this one, nor keep this one's stop waiting.
+        return shlex.quote(f"[r]emote_producer.py {self.ledger.run_id} ")
+
     def stop(self) -> None:
         if self.stopped:
             return
         self.stopped = True
+        pattern = self._pattern()
+        # SIGUSR1 first: every thread's stack goes to the .err file, so a publish that hangs
+        # shows where it hangs.
         self.c.lab.ssh(
-            self.host,
-            f"pkill -USR1 -f '[r]emote_producer.py'; sleep 0.5; touch {self.out}.stop",
-            check=False,
+            self.host, f"pkill -USR1 -f {pattern}; sleep 0.5; touch {self.out}.stop", check=False
         )
-        wait_until(
-            lambda: (
-                not self.c.lab.ssh(
-                    self.host, "pgrep -f '[r]emote_producer.py' || true", check=False
-                ).strip()
-            ),
-            150,
-            what=f"the producer on {self.host} to stop",
-        )
-        self.collect()
+        try:
+            wait_until(
+                lambda: (
+                    not self.c.lab.ssh(
+                        self.host, f"pgrep -f {pattern} || true", check=False
+                    ).strip()
+                ),
+                150,
+                what=f"the producer on {self.host} to stop",
+            )
+        except TimeoutError:
+            say(f"producer on {self.host} did not stop; its threads: {self._stderr(20000)}")
+            self.c.lab.ssh(self.host, f"pkill -KILL -f {pattern}", check=False)
+            raise
+        finally:
+            self.collect()
 
     def collect(self) -> None:
         text = self.c.lab.ssh(self.host, f"cat {self.out} 2>/dev/null || true", check=False)
@@ -354,9 +366,14 @@ class RemoteProducer:
             elif parts[0] == "F":
                 self.failures += 1
                 self.ledger.mark_failed_publish(parts[1], "failed on " + self.host)
-        err = self.c.lab.ssh(self.host, f"tail -c 3000 {self.out}.err 2>/dev/null", check=False)
-        if err.strip():
-            say(f"producer on {self.host} said: {err.strip()}")
+        err = self._stderr(3000)
+        if err:
+            say(f"producer on {self.host} said: {err}")
+
+    def _stderr(self, limit: int) -> str:
+        return self.c.lab.ssh(
+            self.host, f"tail -c {limit} {self.out}.err 2>/dev/null", check=False
+        ).strip()
 
     def published_times(self) -> list[float]:
         prefix = f"{self.ledger.run_id}-r"
