@@ -4,7 +4,52 @@ sample app gets in-memory transports before any test touches its broker or backe
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+# Debian's redis-tools ships the server as redis-check-rdb: run as "redis-server", it serves.
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-check-rdb"
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, *args: str) -> Iterator[str]:
+    """A Redis server of its own on loopback, in ``workdir``, with ``args`` as its settings;
+    yields its URL. make unit installs redis-tools."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail(f"no Redis server at {REDIS_SERVER}: make unit installs redis-tools")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    server = subprocess.Popen([*command, "--save", "", *args], executable=REDIS_SERVER,
+                              stdout=subprocess.DEVNULL)  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=port, retry=Retry(NoBackoff(), 0)).ping()
+                break
+            except redis.exceptions.AuthenticationError:
+                break  # up, and wants a user
+            except redis.exceptions.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.kill()
+        server.wait(10)
 
 
 @pytest.fixture(scope="session")

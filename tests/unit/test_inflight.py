@@ -4,12 +4,8 @@ Redis server on loopback (Debian's redis-tools: make unit installs it)."""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from queue import Empty
 from types import SimpleNamespace
 from typing import Any
@@ -19,42 +15,14 @@ import celery_ha_redelivery as rd
 import pytest
 import redis
 from celery import Celery
+from conftest import redis_server
 from kombu import Connection, Exchange, Queue
-
-# redis-tools ships the server as redis-check-rdb: run as "redis-server", it serves.
-SERVER = shutil.which("redis-server") or "/usr/bin/redis-check-rdb"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not Path(SERVER).exists():
-        pytest.fail(f"no Redis server at {SERVER}: make unit installs redis-tools")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir",
-         str(workdir)],
-        executable=SERVER,
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=port)
-    try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        server.wait(10)
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture
