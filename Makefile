@@ -87,8 +87,9 @@ e2e: venv ## end-to-end tasks through the Sentinels, Flower, the browser
 drills: venv ## fault drills on the lab (needs a deployed lab)
 	$(BIN)/pytest -q -s $(DRILLS)
 
-# Not part of make test (too long for its 60 minutes): the day-2 operations under load.
-soak: venv ## day-2 operation drills under load, on a deployed lab (not in make test)
+# Not part of make test (too long for its 60 minutes): the day-2 operations under load, and
+# worker main processes killed again and again.
+soak: venv ## day-2 operation drills and the worker-kill storm under load, on a deployed lab (not in make test)
 	$(BIN)/pytest -q -s tests/soak
 
 test: deps lint unit ## everything: lint, unit, the Debian 12 lab (deploy, idempotence, testinfra, e2e, drills), then a Debian 13 lab with Valkey
