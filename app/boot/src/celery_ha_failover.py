@@ -26,6 +26,9 @@ Here, per process:
   treat the replies of a demoted, isolated or loading master (READONLY, NOREPLICAS,
   MASTERDOWN, LOADING) as a reason to reconnect and retry, not as a failed publish or a
   FAILURE result.
+- A worker takes each message into an in-flight list of its own with one atomic command
+  (:class:`SentinelChannel`, :class:`InflightQoS`), not with kombu's BRPOP, which loses the
+  message when the worker dies before its next command records it (celery/kombu#305).
 - Publishes may wait for a replica's acknowledgement (``WAIT``): a task that an isolated old
   master accepted and then threw away when it rejoined is then retried, not lost.
 - :func:`use_for_redbeat` gives beat's lock and schedule (celery-redbeat) the same client.

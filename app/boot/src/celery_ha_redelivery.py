@@ -17,10 +17,10 @@ tasks waiting an hour. So here:
   that sweep is left alone with the long visibility timeout as a backstop for clients that do
   not run this code.
 
-* each worker that fetches with BLMOVE (celery_ha_failover: one queue per worker) has an
-  in-flight list, where a message sits from its fetch to its unacked write: a worker puts
-  back what its own earlier run left there before it consumes, marks its list alive every
-  ``interval`` seconds, and the sweep puts back the list of a worker not alive for
+* a worker takes messages through in-flight lists of its own, one per queue
+  (celery_ha_failover), where a message sits from its fetch to its unacked write: a worker
+  puts back what its earlier run left there before it consumes, marks its lists alive every
+  ``interval`` seconds, and the sweep puts back the lists of a worker not alive for
   ``stale_after`` seconds (a host that does not come back).
 
 A sweeper only sweeps once its own refreshes have succeeded for ``stale_after`` seconds in a
