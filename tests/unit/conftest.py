@@ -8,7 +8,6 @@ import contextlib
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from support.ledger import wait_until
 
 # Debian's redis-tools ships the server as redis-check-rdb: run as "redis-server", it serves.
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-check-rdb"
@@ -35,17 +35,14 @@ def redis_server(workdir: Path, *args: str) -> Iterator[str]:
                               stdout=subprocess.DEVNULL)  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        deadline = time.monotonic() + 10
-        while True:
+
+        def answers() -> bool:
             try:
-                redis.Redis(port=port, retry=Retry(NoBackoff(), 0)).ping()
-                break
+                return bool(redis.Redis(port=port, retry=Retry(NoBackoff(), 0)).ping())
             except redis.exceptions.AuthenticationError:
-                break  # up, and wants a user
-            except redis.exceptions.ConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                return True  # up, and wants a user
+
+        wait_until(answers, 10, interval=0.05, what=f"the Redis server on port {port}")
         yield url
     finally:
         server.kill()

@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 from conftest import redis_server
 from kombu import Connection, Exchange, Queue
+from support.ledger import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +46,16 @@ class LocalTransport(failover.SentinelTransport):
     Channel = LocalChannel
 
 
-QUEUE = Queue("work", Exchange("work", type="direct"), routing_key="work")
+def direct_queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+QUEUE = direct_queue("work")
 OPTIONS = {"master_name": "unused", "priority_steps": [0]}
 
 
 def publish(redis_url: str, queue: str, *bodies: str) -> None:
-    q = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
+    q = direct_queue(queue)
     with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
         producer = conn.Producer()
         for body in bodies:
@@ -78,7 +83,7 @@ def kill(channel: Any) -> None:
 
 PREFIX = rd.inflight_prefix("w@h")
 WORK_LIST = f"{PREFIX}:work"
-OTHER = Queue("other", Exchange("other", type="direct"), routing_key="other")
+OTHER = direct_queue("other")
 
 
 def fetch(channel: Any) -> bool:
@@ -108,9 +113,7 @@ def test_a_one_queue_channel_fetches_through_its_in_flight_list(
 
 
 def wait_for_list(client: redis.Redis, key: str, length: int) -> None:
-    deadline = time.monotonic() + 5
-    while client.llen(key) != length and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: client.llen(key) == length, 5, interval=0.01, what=f"{key} at {length}")
 
 
 def test_a_worker_killed_as_it_takes_a_message_gets_it_back_at_its_restart(

@@ -720,10 +720,14 @@ class SentinelChannel(kombu_redis.SentinelChannel):
     _block_next = False  # several queues: the last non-blocking fetch found nothing
     _moving: tuple[str, bytes] | None = None  # (in-flight list, message) being delivered
 
+    def _lists_of(self, queues: Iterable[str]) -> list[str]:
+        """The Redis lists of ``queues``, as kombu's BRPOP would wait on them."""
+        queues = list(queues)
+        return [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+
     def inflight_sources(self) -> list[str]:
         """The lists this channel consumes from, in kombu's fair order."""
-        queues = self._queue_cycle.consume(len(self.active_queues))
-        return [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+        return self._lists_of(self._queue_cycle.consume(len(self.active_queues)))
 
     def inflight_list(self, source: str) -> str:
         assert self.inflight_prefix is not None
@@ -731,8 +735,7 @@ class SentinelChannel(kombu_redis.SentinelChannel):
 
     def inflight_lists(self, queues: Iterable[str]) -> dict[str, str]:
         """In-flight list: its queue's list, for each list of ``queues``."""
-        sources = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
-        return {self.inflight_list(source): source for source in sources}
+        return {self.inflight_list(source): source for source in self._lists_of(queues)}
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # kombu's BRPOP takes the message off its queue, and kombu records it as unacked only
