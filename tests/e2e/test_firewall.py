@@ -9,11 +9,11 @@ Needs a lab with a host outside the inventory: tests/lab/lab up 5 (the suite doe
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import socket
 
 import pytest
+from support.cluster import changed_tasks
 from support.e2e_lab import LabInventory
 
 REDIS, SENTINEL, FLOWER, EXPORTER = 6379, 26379, 5555, 9808
@@ -113,13 +113,3 @@ def test_rerun_restores_a_table_deleted_by_hand(lab: LabInventory, outsider: str
         "firewall : Firewall | the table is loaded",
         "firewall : Firewall | reload",
     ]
-
-
-def changed_tasks(output: str, host: str) -> list[str]:
-    """Names of the tasks and handlers that reported changed for `host` in a playbook's output."""
-    names = []
-    for block in re.split(r"^(?=TASK \[|RUNNING HANDLER \[)", output, flags=re.M):
-        header = re.match(r"(?:TASK|RUNNING HANDLER) \[(.+?)\]", block)
-        if header and re.search(rf"^changed: \[{host}\]", block, re.M):
-            names.append(header.group(1))
-    return names

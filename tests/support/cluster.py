@@ -141,6 +141,16 @@ def parse_recap(output: str) -> dict[str, dict[str, int]]:
     return recap
 
 
+def changed_tasks(output: str, host: str) -> list[str]:
+    """Names of the tasks and handlers that reported changed for `host` in a playbook's output."""
+    names = []
+    for block in re.split(r"^(?=TASK \[|RUNNING HANDLER \[)", output, flags=re.M):
+        header = re.match(r"(?:TASK|RUNNING HANDLER) \[(.+?)\]", block)
+        if header and re.search(rf"^changed: \[{host}\]", block, re.M):
+            names.append(header.group(1))
+    return names
+
+
 class Cluster:
     """The deployed cluster as a client sees it, plus the lab hosts behind it."""
 
