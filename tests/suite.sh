@@ -6,7 +6,10 @@
 # (node3 runs its worker under supervisor there too) and the master-crash drill.
 # Each lab is torn down at the end, also on failure, unless KEEP_LAB=1.
 #
-# SUITE_PARTS picks the parts (default "bookworm trixie"). The Debian 13 lab has its own
+# SUITE_PARTS picks the parts (default "bookworm trixie"). OTHER_APP_MODES: the install modes
+# the second app (tests/e2e/test_other_app.py) is deployed in on each lab; "wheelhouse" by
+# default (the native build on Debian 12, the cross build on Debian 13), "online wheelhouse"
+# adds the online install (about 3 more minutes per lab). The Debian 13 lab has its own
 # folder, subnet and bridge, so that with KEEP_LAB=1 both labs can stay up side by side:
 # TRIXIE_LAB_DIR (default $LAB_DIR-trixie), TRIXIE_LAB_NET (10.88.13), TRIXIE_LAB_BRIDGE (chabr0t).
 set -euo pipefail
@@ -16,6 +19,7 @@ LAB=tests/lab/lab
 run() { make --no-print-directory "$@"; }
 export LAB_DIR=${LAB_DIR:-$PWD/.lab}
 SUITE_PARTS=${SUITE_PARTS:-bookworm trixie}
+export OTHER_APP_MODES=${OTHER_APP_MODES:-wheelhouse}
 LAB_IS_UP=0
 
 teardown() {
@@ -80,9 +84,11 @@ if [[ " $SUITE_PARTS " == *" trixie "* ]]; then
     step "check mode";    run check-mode
     step "testinfra";     run infra
     # The tasks through the Sentinels (both process managers), Flower and its login, the
-    # firewall from a stranger, the refused flavor switch. TLS rotation, the second app and the browser stay Debian 12's.
+    # firewall from a stranger, the refused flavor switch, and the second app from a wheelhouse
+    # the Debian 12 controller fetched for Python 3.13 (and a native one refused).
+    # TLS rotation and the browser stay Debian 12's.
     step "end to end";    run e2e E2E_TESTS="tests/e2e/test_sample_app.py tests/e2e/test_flower.py \
-        tests/e2e/test_firewall.py tests/e2e/test_flavor.py"
+        tests/e2e/test_firewall.py tests/e2e/test_flavor.py tests/e2e/test_other_app.py"
     # The crash of the master's host in the state of a fresh deployment (it is every client's
     # first Sentinel), with its figures next to Debian 12's.
     step "master-crash drill"

@@ -5,6 +5,7 @@ Each is run here as the role runs it: same interpreter kind, environment, stdin,
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -63,7 +64,7 @@ def sources(trees: dict[str, Path]) -> dict[str, str]:
 
 
 def fingerprint(trees: dict[str, Path], **env: str) -> subprocess.CompletedProcess[str]:
-    base = {"GIT_URL": "", "GIT_REF": "", "PACKAGE": "", "PY": sys.executable}
+    base = {"GIT_URL": "", "GIT_REF": "", "PACKAGE": ""}
     return run_script("celery-ha-fingerprint", {**sources(trees), **base, **env})
 
 
@@ -73,9 +74,8 @@ def test_fingerprint_is_the_hash_of_the_lines_it_shows(trees: dict[str, Path]) -
     lines = run.stderr.splitlines()
     assert [line.split()[0] for line in lines] == ["boot", "app", "extra", "mode"]
     assert lines[2] == "extra gevent redis"
-    # The role compares this line with the host's Python before shipping a wheelhouse.
-    here = f"{platform.python_version()} {sysconfig.get_platform()}"
-    assert lines[3] == f"mode wheelhouse {here}"
+    # No Python in it: in wheelhouse mode the role adds each host's (tasks/install.yml).
+    assert lines[3] == "mode wheelhouse"
     assert run.stdout.strip() == hashlib.sha256(run.stderr.encode()).hexdigest()[:16]
     assert fingerprint(trees, EXTRA="gevent redis", MODE="wheelhouse").stdout == run.stdout
 
@@ -321,3 +321,209 @@ def test_the_preflight_refuses_what_the_workers_would() -> None:
     validate = (role / "tasks/validate.yml").read_text()
     # The same pattern, in Ansible's `match` (the regex with one group fewer ?: ).
     assert f"celery_app_module is match('{_APP_RE.pattern.replace('(?:', '(')}')" in validate
+
+
+# --- a wheelhouse for another Python: celery_ha_python_target.py, celery_ha_wheel_tags.py
+
+TRIXIE = {
+    "abiflags": "",
+    "implementation": "cpython",
+    "libc": "glibc-2.41",
+    "machine": "x86_64",
+    "platform": "linux-x86_64",
+    "version": "3.13.5",
+}
+
+
+def wheel_tags_module():
+    spec = importlib.util.spec_from_file_location("wheel_tags", FILES / "celery_ha_wheel_tags.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_python_target_is_what_the_wheels_and_markers_depend_on() -> None:
+    program = (FILES / "celery_ha_python_target.py").read_text()
+    # As the role runs it: python -c PROGRAM, with no help from the environment.
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", program], capture_output=True, text=True, check=True
+    )
+    target = json.loads(run.stdout)
+    assert target["version"] == platform.python_version()
+    assert target["platform"] == sysconfig.get_platform()
+    assert target["implementation"] == "cpython"
+    assert target["libc"].startswith("glibc-2.")
+    assert set(target) == set(TRIXIE)
+
+
+def test_wheel_tags_accept_what_the_hosts_pip_would_install() -> None:
+    tags = wheel_tags_module()
+    target = tags.parse_target(json.dumps(TRIXIE))
+    fit = [
+        "celery-5.6.3-py3-none-any.whl",
+        "tzdata-2026.6-py2.py3-none-any.whl",
+        "wcwidth-0.9.5-cp310-abi3-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+        "x-1-cp313-cp313-manylinux_2_41_x86_64.whl",
+        "x-1-cp313-cp313-manylinux1_x86_64.whl",
+        "x-1-1build-py313-none-any.whl",
+    ]
+    unfit = [
+        "x-1-cp311-cp311-manylinux_2_17_x86_64.whl",  # another CPython's ABI
+        "x-1-cp313-cp313-manylinux_2_42_x86_64.whl",  # a newer glibc than the host's
+        "x-1-cp313-cp313-linux_x86_64.whl",  # built here, for this controller only
+        "x-1-cp313-cp313t-manylinux_2_17_x86_64.whl",  # the free-threaded build
+        "x-1-cp313-cp313-manylinux_2_17_aarch64.whl",
+        "x-1-cp314-abi3-manylinux_2_17_x86_64.whl",  # needs a newer Python
+        "x-1-py2-none-any.whl",
+    ]
+    assert tags.unfit(target, fit + unfit) == unfit
+    assert "manylinux_2_41_x86_64" in tags.platforms(target)
+    assert "manylinux_2_42_x86_64" not in tags.platforms(target)
+
+
+def test_wheel_tags_tell_pip_and_uv_the_hosts_python() -> None:
+    tags = wheel_tags_module()
+    target = tags.parse_target(json.dumps(TRIXIE))
+    pip_args = tags.pip_args(target)
+    assert pip_args[:6] == ["--implementation", "cp", "--python-version", "3.13", "--abi", "cp313"]
+    assert pip_args[6:8] == ["--platform", "manylinux_2_41_x86_64"]
+    assert pip_args[-2:] == ["--platform", "manylinux1_x86_64"]
+    # uv resolves for the full version (python_full_version markers); its newest manylinux
+    # name stands in for a newer glibc.
+    assert tags.uv_args(target) == [
+        "--python-version", "3.13.5", "--python-platform", "x86_64-manylinux_2_40",
+    ]  # fmt: skip
+    bookworm = tags.parse_target(json.dumps({**TRIXIE, "version": "3.11.2", "libc": "glibc-2.36"}))
+    assert tags.uv_args(bookworm)[-1] == "x86_64-manylinux_2_36"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"implementation": "pypy"}, "pypy is not CPython"),
+        ({"libc": "musl-1.2"}, "is not glibc 2.x"),
+        ({"version": "3.14.0rc1"}, "is not a release X.Y.Z"),
+        ({"machine": "mips"}, "has no manylinux wheels"),
+    ],
+)
+def test_wheel_tags_refuse_a_target_they_cannot_serve(change: dict, reason: str) -> None:
+    run = subprocess.run(
+        [sys.executable, str(FILES / "celery_ha_wheel_tags.py"), "pip-args",
+         json.dumps({**TRIXIE, **change})],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 3
+    assert reason in run.stderr
+    assert run.stdout == ""
+
+
+def test_wheel_tags_check_names_the_wheels_that_do_not_fit(tmp_path: Path) -> None:
+    wheels = ["a-1-py3-none-any.whl", "b-2-cp311-cp311-manylinux_2_17_x86_64.whl"]
+    run = subprocess.run(
+        [sys.executable, str(FILES / "celery_ha_wheel_tags.py"), "check", json.dumps(TRIXIE),
+         *(str(tmp_path / w) for w in wheels)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip() == f"{wheels[1]} does not install on the host's Python"
+
+
+# --- celery-ha-build-wheels, cross: a builder venv whose pip and uv only record and fake
+
+CROSS_PYTHON = """\
+#!/bin/bash
+# A builder venv's python: runs .py programs (the tags) with the real Python; fakes pip.
+[[ $1 == *.py ]] && exec "$REAL_PYTHON" "$@"
+printf '%s|' "$@" >>"$LOG" && echo >>"$LOG"
+[[ $1 == -m && $2 == pip ]] || exit 2
+cmd=$3; shift 3
+out= dest= reqs=
+while (($#)); do
+    case $1 in
+        -w) out=$2; shift 2 ;;
+        -d) dest=$2; shift 2 ;;
+        -r) reqs=$2; shift 2 ;;
+        --implementation | --python-version | --abi | --platform) shift 2 ;;
+        -*) shift ;;
+        *) src=$1; shift ;;
+    esac
+done
+case $cmd in
+    install) ;;
+    download) # a wheel for every pin, an sdist only for the *sdist ones
+        while IFS== read -r name _ version; do
+            case $name in
+                *sdist) touch "$dest/$name-$version.tar.gz" ;;
+                *) touch "$dest/$name-$version-py3-none-any.whl" ;;
+            esac
+        done <"$reqs" ;;
+    wheel) # a pure sdist builds py3-none-any, the C one for this controller only
+        name=$(basename "$src"); name=${name%.tar.gz}; name=${name%.whl}
+        case $name in
+            csdist-*) touch "$out/$name-cp311-cp311-linux_x86_64.whl" ;;
+            *) mkdir -p "$out" && touch "$out/$name-0-py3-none-any.whl" ;;
+        esac ;;
+esac
+"""
+
+
+# uv pip compile ... -o RESOLVED REQUIREMENTS: our own wheel, two pins and UV_MORE.
+FAKE_UV = """\
+#!/bin/bash
+printf '%s|' "$@" >>"$LOG.uv" && echo >>"$LOG.uv"
+printf '%s\\n' "app @ file:///x/app.whl" "dep==1.0" "puresdist==2.0" ${UV_MORE:-} >"${@: -2:1}"
+"""
+
+
+@pytest.fixture
+def cross_builder(tmp_path: Path) -> Path:
+    venv = tmp_path / "builder"
+    (venv / "bin").mkdir(parents=True)
+    for name, text in (("python", CROSS_PYTHON), ("uv", FAKE_UV)):
+        (venv / "bin" / name).write_text(text)
+        (venv / "bin" / name).chmod(0o755)
+    return venv
+
+
+def cross_build(trees, builder: Path, tmp_path: Path, **env: str):
+    return build(
+        trees, builder, tmp_path, MODE="wheelhouse", BUILD="cross", TARGET=json.dumps(TRIXIE),
+        TAGS=str(FILES / "celery_ha_wheel_tags.py"), UV="uv==0.13.9",
+        REAL_PYTHON=sys.executable, **env,
+    )  # fmt: skip
+
+
+def test_cross_build_resolves_for_the_hosts_python_and_fetches_its_wheels(
+    trees, cross_builder, tmp_path: Path
+) -> None:
+    run = cross_build(trees, cross_builder, tmp_path, EXTRA="gevent")
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (tmp_path / "out/wheels").iterdir()) == [
+        "app-0-py3-none-any.whl",
+        "boot-0-py3-none-any.whl",
+        "dep-1.0-py3-none-any.whl",
+        "puresdist-2.0-0-py3-none-any.whl",  # built from its sdist, pure Python
+    ]
+    uv = (tmp_path / "pip.log.uv").read_text().splitlines()
+    assert len(uv) == 1
+    assert "|--python-version|3.13.5|--python-platform|x86_64-manylinux_2_40|" in uv[0]
+    calls = pip_calls(tmp_path)
+    assert calls[2] == "-m|pip|install|-q|uv==0.13.9|"
+    download = next(c for c in calls if "|download|" in c)
+    # Exactly the pinned releases, without our own wheels, for the host's tags, no resolving.
+    assert "|--no-deps|--implementation|cp|--python-version|3.13|--abi|cp313|" in download
+    assert f"|-r|{tmp_path}/out.tmp/src/dependencies.txt|" in download
+    assert not (tmp_path / "out/src").exists()
+
+
+def test_cross_build_refuses_a_wheel_that_does_not_fit_the_host(
+    trees, cross_builder, tmp_path: Path
+) -> None:
+    run = cross_build(trees, cross_builder, tmp_path, UV_MORE="csdist==3.0")
+    assert run.returncode == 1
+    assert (
+        "csdist-3.0-cp311-cp311-linux_x86_64.whl does not install on the host's Python"
+        in run.stderr
+    )
+    assert "celery_controller_python, celery_wheelhouse_build: native" in run.stderr
+    assert not (tmp_path / "out").exists()
