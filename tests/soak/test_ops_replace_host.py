@@ -18,12 +18,12 @@ Sentinel lists exactly the other two Sentinels and the two replicas, none down, 
 dead address; every Redis/Sentinel host's firewall admits the new address and no longer the
 old; celery.env on every client names the new Sentinel list; site.yml with the new
 inventory then reports changed=0. The lab is then put back the same way, still under load:
-the stranger's Redis and Sentinel stopped for good, the crashed host re-installed as far as
-Redis and Sentinel go (their config and data wiped on its disk while it is down: powered on
-as it was, a dead master would come back a master) and booted, the playbook with the lab's
-own inventory; then checked the same way, so the other drills find the cluster they expect
-(the stranger keeps Redis and Sentinel installed but stopped and disabled, and an nft table
-of its own that only guards its own ports).
+the stranger's Redis and Sentinel stopped for good and wiped, the crashed host re-installed
+as far as Redis and Sentinel go (their config and data wiped on its disk while it is down:
+powered on as it was, a dead master would come back a master) and booted, the playbook with
+the lab's own inventory; then checked the same way, so the other drills find the cluster
+they expect (the stranger keeps Redis and Sentinel installed but stopped, disabled and
+without config, and an nft table of its own that only guards its own ports).
 lost = 0, failed = 0 over the whole run; duplicates are reported; the longest gap with no
 task completing (from the crash) is printed and recorded (test-artifacts/soak.json).
 """
@@ -206,8 +206,8 @@ def wait_seen_down(c: Cluster, address: str, hosts: list[str]) -> None:
 
 
 def reimage(c: Cluster, host: str) -> None:
-    """Wipe host's Redis and Sentinel (config, data, start at boot) on its disk while it is
-    down, as an operator re-installs a dead host before it may join again. Powered on as it
+    """Wipe host's Redis and Sentinel (config, data, start at boot) on its disk, stopped, as
+    an operator re-installs a dead host before it may join again. Powered on as it
     was, a dead master comes back a master of its old data with a Sentinel that names it:
     the other hosts' firewalls no longer admit it, so it stays that way, the Sentinels
     disagree and the playbook refuses to run. Wiped, the roles bootstrap it as a new host."""
@@ -220,11 +220,24 @@ def reimage(c: Cluster, host: str) -> None:
             link.unlink()
     for conf in (f.server_conf, f.sentinel_conf):
         (root / conf.lstrip("/")).unlink(missing_ok=True)
-    for entry in (root / f.data_dir.lstrip("/")).iterdir():
+    data = root / f.data_dir.lstrip("/")
+    for entry in data.iterdir() if data.is_dir() else []:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def retire(c: Cluster, host: str) -> None:
+    """Stop host's Redis and Sentinel for good and wipe them: the stranger, when it leaves
+    the cluster, is a new host again for the next replacement. Kept as they were, its
+    Sentinel's file (monitoring the old master, knowing the peers of that time) counts as
+    bootstrapped, and the next replacement's Sentinel started with a peer that had died
+    since (its final check failed, listing the dead host)."""
+    for unit in (c.flavor.server_unit, c.flavor.sentinel_unit):
+        # Not installed on a stranger that never served: nothing to stop.
+        c.lab.ssh(host, f"systemctl disable --now {unit} 2>/dev/null || true")
+    reimage(c, host)
 
 
 def choose_dead(c: Cluster, variant: str, workers: list[str]) -> tuple[str, str, str]:
@@ -276,6 +289,8 @@ def test_ops2_replace_dead_host(
     dead, remote_host, master = choose_dead(c, variant, workers)
     new, new_address = stranger(c.lab)
     dead_address = c.addresses[dead]
+    # A variant before this one (or a run that failed) may have left the stranger serving.
+    retire(c, new)
     new_lab = Lab(
         str(c.lab.lab_dir), inventory=replacement_inventory(c.lab, dead, new, new_address)
     )
@@ -324,8 +339,7 @@ def test_ops2_replace_dead_host(
 
         # Back to the lab's own inventory: the stranger's Redis and Sentinel go for good, the
         # crashed host comes back re-installed and takes its place again as a new host.
-        units = f"{c.flavor.server_unit} {c.flavor.sentinel_unit}"
-        c.lab.ssh(new, f"systemctl disable --now {units}")
+        retire(c, new)
         reimage(c, dead)
         c.lab.run("start", dead, timeout=300)
         wait_seen_down(n, new_address, [h for h in n.sentinel_hosts if h != new])
