@@ -208,9 +208,10 @@ def wait_seen_down(c: Cluster, address: str, hosts: list[str]) -> None:
 def reimage(c: Cluster, host: str) -> None:
     """Wipe host's Redis and Sentinel (config, data, start at boot) on its disk, stopped, as
     an operator re-installs a dead host before it may join again. Powered on as it
-    was, a dead master comes back a master of its old data with a Sentinel that names it:
-    the other hosts' firewalls no longer admit it, so it stays that way, the Sentinels
-    disagree and the playbook refuses to run. Wiped, the roles bootstrap it as a new host."""
+    was, a dead master would come back a master of its old data with a Sentinel that names
+    it, behind firewalls that no longer admit it, so the Sentinels would disagree and the
+    playbook's preflight would refuse (read from the roles, not tried). Wiped, the roles
+    bootstrap it as a new host."""
     root = c.lab.lab_dir / "hosts" / host / "root"
     # Unmounted, the files below would be written under the mount point and hidden by it.
     assert os.path.ismount(root), f"{root}: the lab keeps a host's disk mounted while it is down"
