@@ -7,33 +7,48 @@ a second app's client). The drill writes its own inventory ($LAB_DIR/replace-inv
 the dead host gone from every group, the stranger in redis and sentinel) and leaves the
 lab's generated one alone.
 
-First, changing nothing: the playbook refuses a missing replace_dead_host, and refuses while
-the host to replace still answers. Then, under load (a producer on the controller and one on
-a worker host), a Redis/Sentinel host that is not the master is crashed and replaced.
+Two variants, one test: the host that dies is a replica's, or the master's (made the first
+Sentinel of every client's list too, the state of a fresh deployment: the worst host to
+lose). First, changing nothing: the playbook refuses a missing replace_dead_host, and
+refuses while the host to replace still answers. Then, under load (a producer on the
+controller and one on a worker host), the host is crashed (its PID 1 killed); for the
+master's host the drill waits for Sentinel's failover, then both replace it the same way.
 Asserted: the new host is a linked replica holding a key written before the crash; every
 Sentinel lists exactly the other two Sentinels and the two replicas, none down, not the
 dead address; every Redis/Sentinel host's firewall admits the new address and no longer the
 old; celery.env on every client names the new Sentinel list; site.yml with the new
-inventory then reports changed=0. The lab is then put back the same way (the spare's Redis
-and Sentinel stopped for good, the crashed host booted again, the playbook with the lab's
-own inventory), still under load, and checked the same way, so the other drills find the
-cluster they expect (the stranger keeps Redis and Sentinel installed but stopped and
-disabled, and an nft table of its own that only guards its own ports).
-lost = 0, failed = 0 over the whole run; the longest gap with no task completing (from the
-crash) is printed and recorded (test-artifacts/soak.json).
+inventory then reports changed=0. The lab is then put back the same way, still under load:
+the stranger's Redis and Sentinel stopped for good and wiped, the crashed host re-installed
+as far as Redis and Sentinel go (their config and data wiped on its disk while it is down:
+powered on as it was, a dead master would come back a master) and booted, the playbook with
+the lab's own inventory; then checked the same way, so the other drills find the cluster
+they expect (the stranger keeps Redis and Sentinel installed but stopped, disabled and
+without config, and an nft table of its own that only guards its own ports).
+lost = 0, failed = 0 over the whole run; duplicates are reported; the longest gap with no
+task completing (from the crash) is printed and recorded (test-artifacts/soak.json).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import celery_ha_settings
+import pytest
 from celery_ha_exec import parse_env
 from opskit import OpsDrill, run_playbook
 from support.cluster import CELERY_ENV, Cluster, Lab
-from support.drillkit import expected_workers, say, wait_healthy
+from support.drillkit import (
+    earliest_switch,
+    expected_workers,
+    make_master,
+    say,
+    wait_healthy,
+    wait_new_master,
+)
 from support.ledger import wait_until
 
 PLAYBOOK = "replace_redis_host.yml"
@@ -190,25 +205,64 @@ def wait_seen_down(c: Cluster, address: str, hosts: list[str]) -> None:
     wait_until(down, 60, interval=1, what=f"every live Sentinel flagging {address} down")
 
 
-def test_ops2_replace_dead_replica_host(
-    drill_cluster: Cluster, workers: list[str], drill_figures: list[dict[str, Any]]
-) -> None:
-    c = drill_cluster
+def reimage(c: Cluster, host: str) -> None:
+    """Wipe host's Redis and Sentinel (config, data, start at boot) on its disk, stopped, as
+    an operator re-installs a dead host before it may join again. Powered on as it
+    was, a dead master would come back a master of its old data with a Sentinel that names
+    it, behind firewalls that no longer admit it, so the Sentinels would disagree and the
+    playbook's preflight would refuse (read from the roles, not tried). Wiped, the roles
+    bootstrap it as a new host."""
+    root = c.lab.lab_dir / "hosts" / host / "root"
+    # Unmounted, the files below would be written under the mount point and hidden by it.
+    assert os.path.ismount(root), f"{root}: the lab keeps a host's disk mounted while it is down"
+    f = c.flavor
+    for unit in (f.server_unit, f.sentinel_unit):
+        for link in (root / "etc/systemd/system").glob(f"*.wants/{unit}"):
+            link.unlink()
+    for conf in (f.server_conf, f.sentinel_conf):
+        (root / conf.lstrip("/")).unlink(missing_ok=True)
+    data = root / f.data_dir.lstrip("/")
+    for entry in data.iterdir() if data.is_dir() else []:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def retire(c: Cluster, host: str) -> None:
+    """Stop host's Redis and Sentinel for good and wipe them: the stranger, when it leaves
+    the cluster, is a new host again for the next replacement. Kept as they were, its
+    Sentinel's file (monitoring the old master, knowing the peers of that time) counts as
+    bootstrapped, and the next replacement's Sentinel started with a peer that had died
+    since (its final check failed, listing the dead host)."""
+    for unit in (c.flavor.server_unit, c.flavor.sentinel_unit):
+        # Not installed on a stranger that never served: nothing to stop.
+        c.lab.ssh(host, f"systemctl disable --now {unit} 2>/dev/null || true")
+    reimage(c, host)
+
+
+def choose_dead(c: Cluster, variant: str, workers: list[str]) -> tuple[str, str, str]:
+    """(dead host, remote producer's host, master) for a variant, the master made where the
+    variant needs it."""
+    if variant == "master":
+        # The first Sentinel of every client's list (c's celery.env, read before any change):
+        # after a fresh deployment, also the master's host, and the worst host to lose.
+        dead = c.lab.host_of(c.sentinels[0][0])
+        make_master(c, dead, workers)
+        return dead, next(h for h in c.worker_hosts if h != dead), dead
     master = wait_healthy(c, workers)
-    new, new_address = stranger(c.lab)
     remote_host = c.worker_hosts[0]
     # A replica's host, not the remote producer's; flower and beat hosts last.
     busy = set(c.lab.group("flower")) | set(c.lab.group("celery_beat")) | {master, remote_host}
     candidates = [
         h for h in c.redis_hosts if h in c.sentinel_hosts and h not in {master, remote_host}
     ]
-    dead = sorted(candidates, key=lambda h: (h in busy, h))[0]
-    dead_address = c.addresses[dead]
-    new_lab = Lab(
-        str(c.lab.lab_dir), inventory=replacement_inventory(c.lab, dead, new, new_address)
-    )
+    return sorted(candidates, key=lambda h: (h in busy, h))[0], remote_host, master
 
-    # Refusals first, while nothing is broken: they must change nothing.
+
+def check_refusals(c: Cluster, new_lab: Lab, dead: str, dead_address: str) -> None:
+    """While nothing is broken the playbook refuses and changes nothing: without
+    replace_dead_host, and while the host to replace still answers."""
     rc, recap, tail = run_playbook(c, PLAYBOOK, lab=new_lab)
     assert rc != 0 and "replace_dead_host" in tail, tail
     assert not any(r.get("changed") for r in recap.values()), recap
@@ -223,6 +277,25 @@ def test_ops2_replace_dead_replica_host(
     )
     assert rc != 0 and "still answers" in tail, tail
     assert not any(r.get("changed") for r in recap.values()), recap
+
+
+@pytest.mark.parametrize("variant", ["replica", "master"])
+def test_ops2_replace_dead_host(
+    drill_cluster: Cluster,
+    workers: list[str],
+    drill_figures: list[dict[str, Any]],
+    variant: str,
+) -> None:
+    c = drill_cluster
+    dead, remote_host, master = choose_dead(c, variant, workers)
+    new, new_address = stranger(c.lab)
+    dead_address = c.addresses[dead]
+    # A variant before this one (or a run that failed) may have left the stranger serving.
+    retire(c, new)
+    new_lab = Lab(
+        str(c.lab.lab_dir), inventory=replacement_inventory(c.lab, dead, new, new_address)
+    )
+    check_refusals(c, new_lab, dead, dead_address)
     # What the firewall checks below must see change.
     assert all(
         admits(c, h, dead_address) and not admits(c, h, new_address)
@@ -232,11 +305,24 @@ def test_ops2_replace_dead_replica_host(
 
     token = f"{time.time()}"
     c.master_client(c.broker_db).set(PROBE_KEY, token, ex=3600)
-    with OpsDrill(c, "ops2-replace", remote_host, remote_seconds=2 * PLAYBOOK_TIMEOUT) as drill:
+    live = [h for h in c.sentinel_hosts if h != dead]
+    with OpsDrill(c, f"ops2-{variant}", remote_host, remote_seconds=2 * PLAYBOOK_TIMEOUT) as drill:
         drill.t_fault = time.time()
         c.lab.run("crash", dead)
-        say(f"crashed {dead} ({dead_address}), a replica's host; master {master}")
-        wait_seen_down(c, dead_address, [h for h in c.sentinel_hosts if h != dead])
+        say(f"crashed {dead} ({dead_address}), the {variant}'s host; master {master}")
+        extra: dict[str, Any] = {}
+        if dead == master:
+            # The playbook's refusal of a dead master is not asserted here: Sentinel fails
+            # over ~6 s after the crash, before the playbook's preflight gets to ask it (tens
+            # of seconds on a loaded machine), so such a run would replace the host instead.
+            promoted = wait_new_master(c, dead)
+            switch = earliest_switch(c, drill.t_fault - 1, live)
+            extra = {
+                "new_master": promoted,
+                "switch_s": None if switch is None else round(switch - drill.t_fault, 2),
+            }
+            say(f"{promoted} is the master since {extra['switch_s']} s after the crash")
+        wait_seen_down(c, dead_address, live)
         replace_s, _ = replace(drill, new_lab, dead, dead_address)
 
         n = Cluster(new_lab)
@@ -253,9 +339,9 @@ def test_ops2_replace_dead_replica_host(
         say(f"{dead} replaced by {new} in {replace_s} s; site.yml re-run changed=0")
 
         # Back to the lab's own inventory: the stranger's Redis and Sentinel go for good, the
-        # crashed host comes back with what it had and takes its place again.
-        units = f"{c.flavor.server_unit} {c.flavor.sentinel_unit}"
-        c.lab.ssh(new, f"systemctl disable --now {units}")
+        # crashed host comes back re-installed and takes its place again as a new host.
+        retire(c, new)
+        reimage(c, dead)
         c.lab.run("start", dead, timeout=300)
         wait_seen_down(n, new_address, [h for h in n.sentinel_hosts if h != new])
         back_s, _ = replace(drill, c.lab, new, new_address)
@@ -263,11 +349,12 @@ def test_ops2_replace_dead_replica_host(
         check_membership(c, new, new_address)
         row = drill.finish(
             drill_figures,
-            "ops 2: replace a dead replica host, and back",
+            f"ops 2: replace a dead {variant}'s host, and back",
             dead=dead,
             new=new,
             master=master,
             replace_s=replace_s,
             back_s=back_s,
+            **extra,
         )
-    say(f"ops 2: {dead} -> {new} -> {dead}: gap {row.get('gap_s')} s")
+    say(f"ops 2 ({variant}): {dead} -> {new} -> {dead}: gap {row.get('gap_s')} s")
