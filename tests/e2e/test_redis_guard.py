@@ -6,8 +6,8 @@ saved into its main file, where no template shows it; the next site.yml must fin
 
 from __future__ import annotations
 
-from support.cluster import Cluster, Lab, changed_tasks
-from support.e2e_lab import LAB_DIR, LabInventory
+from support.cluster import Cluster, changed_tasks
+from support.e2e_lab import LabInventory
 
 GUARD = "min-replicas-to-write"
 
@@ -20,7 +20,7 @@ def saved_guard(lab: LabInventory, host: str) -> str:
 
 
 def test_rerun_puts_back_a_relaxed_write_guard(lab: LabInventory) -> None:
-    cluster = Cluster(Lab(str(LAB_DIR)))
+    cluster = Cluster(lab.lab)
     host = next(h for h in cluster.redis_hosts if cluster.role_of(h) == "replica:connected")
     server = cluster.redis_on(host, admin=True)
     # What a handover that never finished leaves behind.
