@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
+import redis
+
 from support.cluster import Cluster
 from support.ledger import Ledger, Producer, Report, longest_gap, new_run_id, wait_until
 
@@ -272,6 +274,12 @@ def wait_new_master(c: Cluster, old: str, timeout: float = 120) -> str:
     return str(wait_until(elected, timeout, interval=0.2, what="a new master"))
 
 
+def ineligible_seen(c: Cluster, sentinel: redis.Redis, hosts: list[str]) -> bool:
+    """Whether ``sentinel`` lists every one of ``hosts`` with replica-priority 0."""
+    priorities = {r["ip"]: r["slave-priority"] for r in sentinel.sentinel_slaves(c.master_name)}
+    return all(priorities.get(c.addresses[h]) == 0 for h in hosts)
+
+
 def make_master(c: Cluster, host: str, workers: list[str]) -> None:
     """Fail over (SENTINEL FAILOVER) until ``host`` is the master, then wait for health.
 
@@ -284,8 +292,20 @@ def make_master(c: Cluster, host: str, workers: list[str]) -> None:
     try:
         for other in others:
             c.redis_on(other, admin=True).config_set("replica-priority", 0)
-        sentinel = c.sentinel().sentinels[0]
-        sentinel.execute_command("SENTINEL", "FAILOVER", c.master_name)
+        sentinel = c.sentinel_client(c.lab.host_of(c.sentinels[0][0]))
+        try:
+            # Sentinel elects from the priorities it last read in each replica's INFO, every
+            # 10 s outside a failover: fail over before it has read the 0 and another replica
+            # may win (a clean-clone run made node2 the master instead of node1 so).
+            wait_until(
+                lambda: ineligible_seen(c, sentinel, others),
+                30,
+                interval=0.5,
+                what=f"the Sentinel to read replica-priority 0 on {others}",
+            )
+            sentinel.execute_command("SENTINEL", "FAILOVER", c.master_name)
+        finally:
+            sentinel.close()
         wait_until(lambda: c.master_host() == host, 60, interval=0.5, what=f"{host} as master")
     finally:
         for other in others:
