@@ -41,20 +41,35 @@ Sub-commands:
       (flags as Sentinel reports them: s_down, o_down, disconnected, ...). The playbook that
       replaces a dead host reads it to tell a dead peer from a live one and to see when a
       Sentinel has forgotten it after SENTINEL RESET.
+  handover --name NAME --self ADDR:PORT --sentinel ADDR:PORT [...] [--host H] [--port P]
+           [--user U] [--pause-ms MS]
+      Hand the master role of the server at H:P (this host's, announced as --self) to a
+      replica without losing a write: hold writes (CLIENT PAUSE WRITE, lifting itself after
+      MS), wait until every replica has them all, ask one Sentinel for SENTINEL FAILOVER,
+      wait until a majority of the Sentinels names another master, then make this server
+      its replica (REPLICAOF, CONFIG REWRITE) and lift the pause. input.password is the
+      server's, input.sentinel_password the Sentinels'. Prints
+        {"from": A, "to": B, "held_s": seconds writes were held, "caught_up_s", "elected_s"}
+      A failure before the failover was asked lifts the pause again; after it, the pause is
+      left to lift itself, since this server may no longer be the master.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import ssl
 import sys
+import time
 from collections import Counter
 from typing import Any
 
 TIMEOUT = 2.0
+# handover: how long a failover of the Sentinels' own may still be finishing.
+FAILOVER_WAIT_S = 60
 
 # Set by main() from --tls-dir: every connection then speaks TLS with this context.
 TLS_CONTEXT: ssl.SSLContext | None = None
@@ -307,6 +322,110 @@ def cmd_sentinel_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def first_answering_sentinel(endpoints: list[str], password: str | None) -> Connection:
+    errors = []
+    for endpoint in endpoints:
+        try:
+            return connect(*split_endpoint(endpoint), None, password)
+        except (OSError, RedisError) as err:
+            errors.append(f"{endpoint}: {err}")
+    raise RedisError(f"no Sentinel answers ({'; '.join(errors)})")
+
+
+def majority_master(endpoints: list[str], name: str, password: str | None) -> str | None:
+    """The address a majority of ALL the Sentinels names as the master of NAME, if any."""
+    _, votes = ask_sentinels(endpoints, name, password)
+    if votes:
+        address, count = votes.most_common(1)[0]
+        if count * 2 > len(endpoints):
+            return address
+    return None
+
+
+def cmd_handover(args: argparse.Namespace) -> int:
+    # One process from the pause to REPLICAOF: each step the roles used to run as an Ansible
+    # task of its own was a round trip of about a second with every write held.
+    given = read_stdin()
+    sentinel_password = given.get("sentinel_password")
+    sentinel = first_answering_sentinel(args.sentinel, sentinel_password)
+    server: Connection | None = None
+    asked = paused = False
+    try:
+        # A failover of Sentinel's own still finishing would refuse ours (INPROG): wait for it
+        # before the writes are held, not during.
+        waited_from = time.monotonic()
+        while "failover_in_progress" in str(
+            pairs_to_dict(sentinel.command("SENTINEL", "MASTER", args.name)).get("flags")
+        ):
+            if time.monotonic() - waited_from > FAILOVER_WAIT_S:
+                raise RedisError(f"a failover of the Sentinels' own lasted {FAILOVER_WAIT_S} s")
+            time.sleep(0.5)
+        server = connect(args.host, args.port, args.user, given.get("password"))
+        if server.command("ROLE")[0] != "master":
+            raise RedisError(f"{args.self} is not the master: nothing to hand over")
+        server.command("CLIENT", "PAUSE", str(args.pause_ms), "WRITE")
+        paused = True
+        start = time.monotonic()
+        deadline = start + args.pause_ms / 1000
+
+        def wait(what: str, interval: float) -> None:
+            if time.monotonic() >= deadline:
+                raise RedisError(f"{what} within the {args.pause_ms} ms pause")
+            time.sleep(interval)
+
+        while True:
+            role = server.command("ROLE")
+            offsets = [int(replica[2]) for replica in role[2]]
+            if offsets and min(offsets) >= int(role[1]):
+                break
+            wait("the replicas did not catch up", 0.01)
+        caught_up = time.monotonic()
+        while True:
+            try:
+                sentinel.command("SENTINEL", "FAILOVER", args.name)
+                break
+            except RedisError as err:
+                # INPROG: a failover of Sentinel's own is still finishing.
+                if "INPROG" not in str(err):
+                    raise
+                wait("a failover already in progress did not finish", 0.2)
+        asked = True
+        while (elected := majority_master(args.sentinel, args.name, sentinel_password)) in (
+            None,
+            args.self,
+        ):
+            wait("no majority of the Sentinels named a new master", 0.05)
+        elected_at = time.monotonic()
+        # Sentinel would demote this server itself, but only some 8 s later (it waits for the
+        # server to report its role first); now ends the held writes sooner, with READONLY,
+        # which the clients take as "go elsewhere". CONFIG REWRITE keeps replicaof in
+        # redis.conf, so a restart comes back as a replica, not a master.
+        host, port = split_endpoint(elected)
+        server.command("REPLICAOF", host, str(port))
+        server.command("CONFIG", "REWRITE")
+        server.command("CLIENT", "UNPAUSE")
+        paused = False
+        held = time.monotonic() - start
+    except BaseException:
+        if server is not None and paused and not asked:
+            with contextlib.suppress(OSError, RedisError):  # else the pause lifts itself
+                server.command("CLIENT", "UNPAUSE")
+        raise
+    finally:
+        sentinel.close()
+        if server is not None:
+            server.close()
+    result = {
+        "from": args.self,
+        "to": elected,
+        "held_s": round(held, 3),
+        "caught_up_s": round(caught_up - start, 3),
+        "elected_s": round(elected_at - start, 3),
+    }
+    print(json.dumps(result))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--tls-dir", help="connect with TLS, using DIR/ca.crt, cert.crt, cert.key")
@@ -341,6 +460,16 @@ def main() -> int:
     peers.add_argument("--host", default="127.0.0.1")
     peers.add_argument("--port", type=int, default=26379)
     peers.set_defaults(func=cmd_sentinel_peers)
+
+    handover = sub.add_parser("handover", help="hand the master role to a replica, no write lost")
+    handover.add_argument("--name", required=True)
+    handover.add_argument("--self", required=True, metavar="ADDR:PORT")
+    handover.add_argument("--sentinel", action="append", required=True, metavar="ADDR:PORT")
+    handover.add_argument("--host", default="127.0.0.1")
+    handover.add_argument("--port", type=int, default=6379)
+    handover.add_argument("--user")
+    handover.add_argument("--pause-ms", type=int, default=15000)
+    handover.set_defaults(func=cmd_handover)
 
     args = parser.parse_args()
     global TLS_CONTEXT

@@ -499,6 +499,139 @@ def test_sentinel_peers_reports_each_peer_with_its_flags(monkeypatch, serve) -> 
     assert "No such master" in out["error"]
 
 
+# --- handover
+
+
+class HandoverCluster:
+    """An old master, its replica and three Sentinels, faked; the replica catches up on the
+    second ROLE after the pause and the Sentinels name it `elect_after` looks after FAILOVER."""
+
+    OLD, NEW = "127.0.0.1:6379", "10.0.0.12:6379"
+
+    def __init__(
+        self,
+        serve,
+        role: str = "master",
+        failover: list[Reply] = (),
+        elect_after: int = 2,
+        in_progress_looks: int = 0,
+    ):
+        self.role, self.failover_replies, self.elect_after = role, list(failover), elect_after
+        self.in_progress_looks = in_progress_looks
+        self.roles_after_pause = 0
+        self.failed_over = False
+        self.looks = 0
+        self.server = serve(self.redis)
+        self.sentinels = [serve(self.sentinel) for _ in range(3)]
+
+    def redis(self, args: list[str]) -> Reply:
+        if args[0] == "AUTH":
+            return Simple("OK") if args[1:] == ["admin", "admin-pw"] else Error("WRONGPASS")
+        if args == ["ROLE"]:
+            paused = any(a[:2] == ["CLIENT", "PAUSE"] for a in self.server.seen)
+            self.roles_after_pause += paused
+            replica_offset = 100 if self.roles_after_pause >= 2 else 90
+            return [self.role, 100, [["10.0.0.12", "6379", str(replica_offset)]]]
+        return Simple("OK")
+
+    def sentinel(self, args: list[str]) -> Reply:
+        if args[0] == "AUTH":
+            return Simple("OK") if args[1:] == ["sentinel-pw"] else Error("WRONGPASS")
+        if args == ["SENTINEL", "FAILOVER", "celery"]:
+            if self.failover_replies:
+                return self.failover_replies.pop(0)
+            self.failed_over = True
+            return Simple("OK")
+        if args == ["SENTINEL", "MASTER", "celery"]:
+            busy = self.in_progress_looks > 0
+            self.in_progress_looks -= busy
+            return ["name", "celery", "flags", "master,failover_in_progress" if busy else "master"]
+        if args[:2] == ["SENTINEL", "GET-MASTER-ADDR-BY-NAME"]:
+            if self.failed_over:
+                self.looks += 1
+            name = self.NEW if self.looks > self.elect_after * 3 else self.OLD
+            return name.split(":")
+        return Error(f"ERR unknown command {args[0]}")
+
+    def argv(self, pause_ms: int = 5000) -> list[str]:
+        argv = ["handover", "--name", "celery", "--self", self.OLD, "--user", "admin"]
+        argv += ["--port", str(self.server.port), "--pause-ms", str(pause_ms)]
+        return argv + [f"--sentinel={s.endpoint}" for s in self.sentinels]
+
+    def run(self, monkeypatch, pause_ms: int = 5000) -> tuple[int, Any]:
+        stdin = {"password": "admin-pw", "sentinel_password": "sentinel-pw"}
+        return run(monkeypatch, self.argv(pause_ms), stdin)
+
+    def server_commands(self) -> list[list[str]]:
+        return [a for a in self.server.seen if a[0] not in ("AUTH", "ROLE")]
+
+    def failovers_asked(self) -> int:
+        return sum(a[:2] == ["SENTINEL", "FAILOVER"] for s in self.sentinels for a in s.seen)
+
+
+def test_handover_holds_writes_until_this_server_follows_the_new_master(serve, monkeypatch):
+    cluster = HandoverCluster(serve)
+    rc, out = cluster.run(monkeypatch)
+    assert rc == 0, out
+    assert (out["from"], out["to"]) == (cluster.OLD, cluster.NEW)
+    assert 0 <= out["caught_up_s"] <= out["elected_s"] <= out["held_s"]
+    # The failover is asked only once every replica has every write, of one Sentinel only
+    # (a second would start a failover of its own), and the pause lifts only after REPLICAOF.
+    assert cluster.roles_after_pause == 2
+    assert cluster.failovers_asked() == 1
+    assert cluster.server_commands() == [
+        ["CLIENT", "PAUSE", "5000", "WRITE"],
+        ["REPLICAOF", "10.0.0.12", "6379"],
+        ["CONFIG", "REWRITE"],
+        ["CLIENT", "UNPAUSE"],
+    ]
+
+
+def test_handover_asks_again_while_a_failover_is_in_progress(serve, monkeypatch):
+    cluster = HandoverCluster(serve, failover=[Error("INPROG Failover already in progress")])
+    rc, out = cluster.run(monkeypatch)
+    assert (rc, out["to"]) == (0, cluster.NEW)
+    assert cluster.failovers_asked() == 2
+
+
+def test_handover_waits_for_a_failover_in_progress_before_holding_writes(serve, monkeypatch):
+    cluster = HandoverCluster(serve, in_progress_looks=2)
+    rc, out = cluster.run(monkeypatch)
+    assert (rc, out["to"]) == (0, cluster.NEW)
+    assert cluster.in_progress_looks == 0
+    assert cluster.failovers_asked() == 1
+
+
+def test_handover_of_a_replica_is_refused_before_writes_are_held(serve, monkeypatch):
+    cluster = HandoverCluster(serve, role="slave")
+    rc, out = cluster.run(monkeypatch)
+    assert rc == 2
+    assert "is not the master" in out["error"]
+    assert cluster.server_commands() == []
+    assert cluster.failovers_asked() == 0
+
+
+def test_handover_refused_by_sentinel_lifts_the_pause(serve, monkeypatch):
+    cluster = HandoverCluster(serve, failover=[Error("NOGOODSLAVE No suitable replica")])
+    rc, out = cluster.run(monkeypatch)
+    assert rc == 2
+    assert "NOGOODSLAVE" in out["error"]
+    assert cluster.server_commands() == [
+        ["CLIENT", "PAUSE", "5000", "WRITE"],
+        ["CLIENT", "UNPAUSE"],
+    ]
+
+
+def test_handover_without_a_new_master_leaves_the_pause_to_lift_itself(serve, monkeypatch):
+    # Once the failover was asked this server may have lost the master role: taking writes
+    # again (UNPAUSE) would accept writes that its resync throws away.
+    cluster = HandoverCluster(serve, elect_after=10**6)
+    rc, out = cluster.run(monkeypatch, pause_ms=300)
+    assert rc == 2
+    assert "no majority of the Sentinels named a new master" in out["error"]
+    assert cluster.server_commands() == [["CLIENT", "PAUSE", "300", "WRITE"]]
+
+
 # --- TLS
 
 
