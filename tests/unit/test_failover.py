@@ -692,3 +692,16 @@ def test_commands_without_a_client_share_one_per_pool() -> None:
     with acquire(channel) as third:  # type: ignore[arg-type]
         assert third is not first and third.connection_pool is channel.pool
     assert channel.created == 2
+
+
+def test_no_password_in_the_repr_of_a_client() -> None:
+    # A client's repr is its pool's; celery's SIGUSR1 thread dump prints it with every local.
+    failover.install()
+    pool = redis.ConnectionPool(host="10.0.0.11", username="sentinel", password="s3cret-pw")
+    text = repr(redis.Redis(connection_pool=pool))
+    assert "s3cret-pw" not in text
+    assert (
+        "password=<REDACTED>" in text and "host=10.0.0.11" in text and "username=sentinel" in text
+    )
+    blocking = redis.BlockingConnectionPool(password="s3cret-pw")
+    assert "s3cret-pw" not in repr(blocking)

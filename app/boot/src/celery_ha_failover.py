@@ -1009,6 +1009,29 @@ def use_for_redbeat(app: Any) -> None:
     setattr(app, REDBEAT_REDIS_KEY, retrying)
 
 
+# ---------------------------------------------------------------------------------------
+# No password in a connection pool's repr
+# ---------------------------------------------------------------------------------------
+_SECRET_KWARGS = frozenset({"password", "ssl_password", "credential_provider"})
+
+
+def _redacted_pool_repr(self: redis.connection.ConnectionPool) -> str:
+    # redis-py 6.4's ConnectionPool.__repr__ prints every connection argument, the password
+    # too (redis/redis-py#3993, CVE-2026-32597; fixed in redis-py 7, which kombu's redis<6.5
+    # rules out). Such a repr lands in the journal whenever a client is printed: an operator's
+    # SIGUSR1 to a worker (celery's thread dump prints each frame's locals) put the Sentinel
+    # password there on the lab.
+    shown = ",".join(
+        f"{key}={'<REDACTED>' if key in _SECRET_KWARGS and value is not None else value}"
+        for key, value in self.connection_kwargs.items()
+    )
+    kind = self.connection_class
+    return (
+        f"<{type(self).__module__}.{type(self).__name__}"
+        f"(<{kind.__module__}.{kind.__name__}({shown})>)>"
+    )
+
+
 def install() -> None:
     """Make ``sentinel://`` mean these classes in kombu and celery, and TLS contexts shared,
     for this process."""
@@ -1017,3 +1040,4 @@ def install() -> None:
     backends.BACKEND_ALIASES["sentinel"] = f"{__name__}:SentinelBackend"
     # Every TLS client of the process: masters, Sentinels, the watcher, redbeat, results.
     redis.connection.SSLConnection._wrap_socket_with_ssl = _wrap_socket_with_ssl
+    redis.connection.ConnectionPool.__repr__ = _redacted_pool_repr  # type: ignore[method-assign]
