@@ -953,7 +953,8 @@ def drop_if_closed(channel: Any) -> bool:
     uses (celery's control broadcasts: ping, inspect), and whatever closed it meanwhile (the
     master's host crashed, Sentinel's CLIENT KILL of every client of an instance it reconfigures,
     the watcher's sever_connections after a +switch-master) fails the next broadcast with a
-    ConnectionError: celery does not retry broadcasts. The check is the one redis-py's own
+    ConnectionError: celery does not retry broadcasts (the same as celery/kombu#681, a ping
+    after Redis's idle timeout closed the connection). The check is the one redis-py's own
     pool makes on a connection it hands out again (ConnectionPool.get_connection: a connection
     that is readable while no reply is due is closed, or out of step): one non-blocking read,
     which also consumes what TLS 1.3 sends outside replies (session tickets)."""
