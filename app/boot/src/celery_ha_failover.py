@@ -31,6 +31,10 @@ Here, per process:
   message when the worker dies before its next command records it (celery/kombu#305).
 - Publishes may wait for a replica's acknowledgement (``WAIT``): a task that an isolated old
   master accepted and then threw away when it rejoined is then retried, not lost.
+- A client's broker connection closed while it waited in kombu's pool (a crashed master, a
+  Sentinel's CLIENT KILL, the watcher's cut) is reconnected before its next BRPOP
+  (:class:`IdleCheckingPoller`): the first control broadcast (ping, inspect) after a failover
+  failed with a ConnectionError otherwise, as celery does not retry broadcasts.
 - :func:`use_for_redbeat` gives beat's lock and schedule (celery-redbeat) the same client.
 - TLS connections share one ``SSLContext`` per process and settings (:func:`tls_context`):
   redis-py builds a new one for every connection and loads the system's whole CA store into
@@ -940,6 +944,55 @@ def put_back(
     return thread
 
 
+def drop_if_closed(channel: Any) -> bool:
+    """Disconnect ``channel``'s BRPOP connection if it was closed while it sat idle; True if so.
+
+    kombu's poller takes that connection out of its pool once and holds it for the channel's
+    life, and sends the next BRPOP on it unchecked (MultiChannelPoller._client_registered looks
+    only for a socket). A client's broker connection waits in kombu's global pool between two
+    uses (celery's control broadcasts: ping, inspect), and whatever closed it meanwhile (the
+    master's host crashed, Sentinel's CLIENT KILL of every client of an instance it reconfigures,
+    the watcher's sever_connections after a +switch-master) fails the next broadcast with a
+    ConnectionError: celery does not retry broadcasts (the same as celery/kombu#681, a ping
+    after Redis's idle timeout closed the connection). The check is the one redis-py's own
+    pool makes on a connection it hands out again (ConnectionPool.get_connection: a connection
+    that is readable while no reply is due is closed, or out of step): one non-blocking read,
+    which also consumes what TLS 1.3 sends outside replies (session tickets)."""
+    if channel._in_poll:
+        return False  # a BRPOP is under way: its reply is what the socket holds
+    client = channel.__dict__.get("client")  # only if kombu has made it
+    connection = getattr(client, "connection", None)
+    if connection is None or connection._sock is None:
+        return False  # kombu connects it before its next BRPOP anyway
+    try:
+        stale = connection.can_read(timeout=0)
+    except (redis.exceptions.RedisError, OSError):
+        stale = True
+    if stale:
+        log.debug(
+            "celery-ha: the broker connection to %s:%s was closed while idle; reconnecting",
+            connection.host,
+            connection.port,
+        )
+        # kombu's own way after a failed BRPOP (_brpop_read): the poller reconnects it.
+        connection.disconnect()
+    return stale
+
+
+class IdleCheckingPoller(kombu_redis.MultiChannelPoller):
+    """kombu's poller, which checks each channel's BRPOP connection before it sends a BRPOP
+    in ``drain_events`` (:func:`drop_if_closed`). That is the path of clients (a control
+    broadcast collecting its replies, a consumer outside a worker); a worker's event loop
+    uses on_poll_start instead, where its connections are never idle long, and where a dead
+    one already fails the consumer and restarts it."""
+
+    def get(self, callback: Callable[..., Any], timeout: float | None = None) -> Any:
+        for channel in self._channels:
+            if channel.active_queues:
+                drop_if_closed(channel)
+        return super().get(callback, timeout)
+
+
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
     # Without these two, kombu's Connection.ensure gives up a publish after one successful
@@ -948,6 +1001,10 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     # are worth a reconnect; other error replies are the caller's to see.
     recoverable_connection_errors = kombu_redis.SentinelTransport.connection_errors
     recoverable_channel_errors = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = IdleCheckingPoller()
 
 
 # ---------------------------------------------------------------------------------------
