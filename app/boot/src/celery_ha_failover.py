@@ -1070,6 +1070,7 @@ def use_for_redbeat(app: Any) -> None:
 # No password in a connection pool's repr
 # ---------------------------------------------------------------------------------------
 _SECRET_KWARGS = frozenset({"password", "ssl_password", "credential_provider"})
+_stock_pool_repr = redis.connection.ConnectionPool.__repr__
 
 
 def _redacted_pool_repr(self: redis.connection.ConnectionPool) -> str:
