@@ -10,7 +10,9 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import celery_ha_failover as failover
 import pytest
 import redis
 from redis.backoff import NoBackoff
@@ -57,3 +59,24 @@ def sample_app():
     # reminder's backend.set()/get() work without Redis.
     app.conf.update(broker_url="memory://", result_backend="cache+memory://")
     return app
+
+
+# A Redis server of this process's own, for the tests of the bundle's kombu channel against a
+# real server (one per test module).
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+class LocalChannel(failover.SentinelChannel):
+    """The bundle's channel on one Redis server, no Sentinel."""
+
+    connection_class = redis.Connection
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        return redis.ConnectionPool(**self._connparams(asynchronous))
+
+
+class LocalTransport(failover.SentinelTransport):
+    Channel = LocalChannel

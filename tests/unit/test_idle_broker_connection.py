@@ -15,28 +15,9 @@ from typing import Any
 import celery_ha_failover as failover
 import pytest
 import redis
-from conftest import redis_server
+from conftest import LocalTransport
 from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
-class LocalChannel(failover.SentinelChannel):
-    """The bundle's channel on one Redis server, no Sentinel."""
-
-    connection_class = redis.Connection
-
-    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
-        return redis.ConnectionPool(**self._connparams(asynchronous))
-
-
-class LocalTransport(failover.SentinelTransport):
-    Channel = LocalChannel
 
 
 class StockPollerTransport(LocalTransport):

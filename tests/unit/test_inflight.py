@@ -5,7 +5,6 @@ Redis server on loopback (Debian's redis-tools: make unit installs it)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from queue import Empty
 from types import SimpleNamespace
 from typing import Any
@@ -15,15 +14,9 @@ import celery_ha_redelivery as rd
 import pytest
 import redis
 from celery import Celery
-from conftest import redis_server
+from conftest import LocalTransport
 from kombu import Connection, Exchange, Queue
 from support.ledger import wait_until
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @pytest.fixture
@@ -31,19 +24,6 @@ def client(redis_url: str) -> redis.Redis:
     client = redis.Redis.from_url(redis_url)
     client.flushall()
     return client
-
-
-class LocalChannel(failover.SentinelChannel):
-    """The bundle's channel on one Redis server, no Sentinel."""
-
-    connection_class = redis.Connection
-
-    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
-        return redis.ConnectionPool(**self._connparams(asynchronous))
-
-
-class LocalTransport(failover.SentinelTransport):
-    Channel = LocalChannel
 
 
 def direct_queue(name: str) -> Queue:
