@@ -502,6 +502,12 @@ def test_sentinel_peers_reports_each_peer_with_its_flags(monkeypatch, serve) -> 
 # --- handover
 
 
+NO_PING = [
+    ["CONFIG", "GET", "repl-ping-replica-period"],
+    ["CONFIG", "SET", "repl-ping-replica-period", "3600"],
+]
+
+
 class HandoverCluster:
     """An old master, its replica and three Sentinels, faked; the replica catches up on the
     second ROLE after the pause and the Sentinels name it `elect_after` looks after FAILOVER."""
@@ -527,6 +533,8 @@ class HandoverCluster:
     def redis(self, args: list[str]) -> Reply:
         if args[0] == "AUTH":
             return Simple("OK") if args[1:] == ["admin", "admin-pw"] else Error("WRONGPASS")
+        if args == ["CONFIG", "GET", "repl-ping-replica-period"]:
+            return ["repl-ping-replica-period", "10"]
         if args == ["ROLE"]:
             paused = any(a[:2] == ["CLIENT", "PAUSE"] for a in self.server.seen)
             self.roles_after_pause += paused
@@ -579,9 +587,12 @@ def test_handover_holds_writes_until_this_server_follows_the_new_master(serve, m
     # (a second would start a failover of its own), and the pause lifts only after REPLICAOF.
     assert cluster.roles_after_pause == 2
     assert cluster.failovers_asked() == 1
+    # No replication PING between the pause and REPLICAOF: the period is set back, and saved.
     assert cluster.server_commands() == [
+        *NO_PING,
         ["CLIENT", "PAUSE", "5000", "WRITE"],
         ["REPLICAOF", "10.0.0.12", "6379"],
+        ["CONFIG", "SET", "repl-ping-replica-period", "10"],
         ["CONFIG", "REWRITE"],
         ["CLIENT", "UNPAUSE"],
     ]
@@ -617,7 +628,9 @@ def test_handover_refused_by_sentinel_lifts_the_pause(serve, monkeypatch):
     assert rc == 2
     assert "NOGOODSLAVE" in out["error"]
     assert cluster.server_commands() == [
+        *NO_PING,
         ["CLIENT", "PAUSE", "5000", "WRITE"],
+        ["CONFIG", "SET", "repl-ping-replica-period", "10"],
         ["CLIENT", "UNPAUSE"],
     ]
 
@@ -629,7 +642,11 @@ def test_handover_without_a_new_master_leaves_the_pause_to_lift_itself(serve, mo
     rc, out = cluster.run(monkeypatch, pause_ms=300)
     assert rc == 2
     assert "no majority of the Sentinels named a new master" in out["error"]
-    assert cluster.server_commands() == [["CLIENT", "PAUSE", "300", "WRITE"]]
+    assert cluster.server_commands() == [
+        *NO_PING,
+        ["CLIENT", "PAUSE", "300", "WRITE"],
+        ["CONFIG", "SET", "repl-ping-replica-period", "10"],
+    ]
 
 
 # --- TLS
