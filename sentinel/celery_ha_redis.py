@@ -45,9 +45,10 @@ Sub-commands:
            [--user U] [--pause-ms MS]
       Hand the master role of the server at H:P (this host's, announced as --self) to a
       replica without losing a write: hold writes (CLIENT PAUSE WRITE, lifting itself after
-      MS), wait until every replica has them all, ask one Sentinel for SENTINEL FAILOVER,
-      wait until a majority of the Sentinels names another master, then make this server
-      its replica (REPLICAOF, CONFIG REWRITE) and lift the pause. input.password is the
+      MS) and the replication PING (repl-ping-replica-period, put back at the end), wait
+      until every replica has them all, ask one Sentinel for SENTINEL FAILOVER, wait until a
+      majority of the Sentinels names another master, then make this server its replica
+      (REPLICAOF, CONFIG REWRITE) and lift the pause. input.password is the
       server's, input.sentinel_password the Sentinels'. Prints
         {"from": A, "to": B, "held_s": seconds writes were held, "caught_up_s", "elected_s"}
       A failure before the failover was asked lifts the pause again; after it, the pause is
