@@ -196,6 +196,16 @@ def ask_sentinels(
     return answers, votes
 
 
+def majority(votes: Counter[str], voters: int) -> tuple[str, int] | None:
+    """The address named by more than half of ``voters`` Sentinels, and its votes, if any.
+    Sentinels that did not answer count against it: a minority never decides."""
+    if votes:
+        address, count = votes.most_common(1)[0]
+        if count * 2 > voters:
+            return address, count
+    return None
+
+
 def ask_servers(endpoints: list[str], user: str | None, password: str | None) -> dict[str, str]:
     """ROLE of every reachable Redis server, by endpoint ("master", "slave" or "error: ...")."""
     roles: dict[str, str] = {}
@@ -217,10 +227,10 @@ def cmd_master(args: argparse.Namespace) -> int:
     answers, votes = ask_sentinels(args.sentinel, args.name, given.get("password"))
     result: dict[str, Any] = {"answers": answers}
     if votes:
-        address, count = votes.most_common(1)[0]
-        if count * 2 > len(args.sentinel):
-            host, port = split_endpoint(address)
-            result.update(state="found", source="sentinel", address=host, port=port, votes=count)
+        won = majority(votes, len(args.sentinel))
+        if won:
+            host, port = split_endpoint(won[0])
+            result.update(state="found", source="sentinel", address=host, port=port, votes=won[1])
             print(json.dumps(result))
             return 0
         result["state"] = "split"
@@ -337,12 +347,8 @@ def first_answering_sentinel(endpoints: list[str], password: str | None) -> Conn
 
 def majority_master(endpoints: list[str], name: str, password: str | None) -> str | None:
     """The address a majority of ALL the Sentinels names as the master of NAME, if any."""
-    _, votes = ask_sentinels(endpoints, name, password)
-    if votes:
-        address, count = votes.most_common(1)[0]
-        if count * 2 > len(endpoints):
-            return address
-    return None
+    won = majority(ask_sentinels(endpoints, name, password)[1], len(endpoints))
+    return won[0] if won else None
 
 
 def cmd_handover(args: argparse.Namespace) -> int:
