@@ -385,6 +385,19 @@ COST_VARIANTS: list[tuple[str, dict[str, str]]] = [
     ("log level WARNING (no line per task)", {"CELERY_HA_LOG_LEVEL": "WARNING"}),
     ("threads pool", {"CELERY_HA_WORKER_POOL": "threads"}),
     ("concurrency 4 per instance", {"CELERY_HA_WORKER_CONCURRENCY": "4"}),
+    # The candidates for new defaults, together: what they buy at once.
+    (
+        "events off, prefetch 4",
+        {"CELERY_HA_TASK_EVENTS": "false", "CELERY_HA_PREFETCH_MULTIPLIER": "4"},
+    ),
+    (
+        "events off, prefetch 4, log level WARNING",
+        {
+            "CELERY_HA_TASK_EVENTS": "false",
+            "CELERY_HA_PREFETCH_MULTIPLIER": "4",
+            "CELERY_HA_LOG_LEVEL": "WARNING",
+        },
+    ),
     (
         "events off + prefetch 16",
         {"CELERY_HA_TASK_EVENTS": "false", "CELERY_HA_PREFETCH_MULTIPLIER": "16"},
