@@ -33,7 +33,9 @@ def main() -> int:
     flower_host = lab.groups["flower"][0]
     print(
         f"\nFlower: http://{lab.addresses[flower_host]}:5555/  (user 'flower', password in "
-        f"{LAB_DIR / 'secrets' / 'flower_basic_auth_password'})\n"
+        f"{LAB_DIR / 'secrets' / 'flower_basic_auth_password'}). It lists the workers; its "
+        "Tasks tab stays empty with the default celery_task_events: false (make deploy "
+        "DEPLOY_ARGS='-e celery_task_events=true' fills it)\n"
         f"The lab stays up: tests/lab/lab status | ssh node1 | down  (make lab-down removes it)"
     )
     return 0

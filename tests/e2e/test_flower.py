@@ -321,3 +321,70 @@ def test_flower_still_sees_every_worker_after_the_failover(
 
     wait_until(fresh, 90, what="fresh inspect replies from every worker through Flower")
     test_metrics_have_worker_online_gauges(base_url, auth, lab)
+
+
+# ---------------------------------------------------------------------------------------
+# Task events: off by default (issue 13), Flower's task view with celery_task_events: true
+# ---------------------------------------------------------------------------------------
+
+
+def flower_task(base_url: str, auth: tuple[str, str], task_id: str) -> dict | None:
+    """What Flower's API knows of one task (None: Flower has seen no event of it)."""
+    resp = get(base_url + "/api/tasks", auth=auth)
+    resp.raise_for_status()
+    return resp.json().get(task_id)
+
+
+def test_by_default_flower_shows_the_workers_but_no_task(
+    base_url: str, auth: tuple[str, str], lab: LabInventory, sample_app: Celery
+) -> None:
+    """Without task events the workers publish none, and Flower, whose --enable_events would
+    switch them back on every 5 s, leaves them off: a task run well after Flower's cycle
+    never reaches its task view, while every worker stays listed."""
+    from celery_ha_app.tasks import add
+
+    confs = sample_app.control.inspect(timeout=5.0).conf(with_defaults=True) or {}
+    assert set(confs) >= lab.expected_nodes(), sorted(confs)
+    assert {n: c["worker_send_task_events"] for n, c in confs.items()} == dict.fromkeys(
+        confs, False
+    )
+    first = add.delay(20, 22)
+    assert first.get(timeout=30) == 42
+    time.sleep(6)  # past Flower's enable_events broadcast
+    second = add.delay(1, 2)
+    assert second.get(timeout=30) == 3
+    time.sleep(2)  # what an event would take to reach Flower
+    assert flower_task(base_url, auth, first.id) is None
+    assert flower_task(base_url, auth, second.id) is None
+    test_api_lists_every_worker_online(base_url, auth, lab)
+
+
+@pytest.fixture(scope="module")
+def task_events_on(lab: LabInventory) -> Iterator[None]:
+    """site.yml with celery_task_events: true, as an operator turns the task view on; the
+    defaults again afterwards (the drills and the bench run the defaults)."""
+    on = lab.site_yml("-e", "celery_task_events=true", timeout=900)
+    assert on.returncode == 0, (on.stdout + on.stderr)[-3000:]
+    yield
+    off = lab.site_yml(timeout=900)
+    assert off.returncode == 0, (off.stdout + off.stderr)[-3000:]
+
+
+def test_with_task_events_on_flower_shows_each_task(
+    task_events_on: None, base_url: str, auth: tuple[str, str], sample_app: Celery
+) -> None:
+    from celery_ha_app.tasks import add
+
+    res = add.delay(20, 22)
+    assert res.get(timeout=30) == 42
+
+    def succeeded() -> dict | None:
+        task = flower_task(base_url, auth, res.id)
+        return task if task and task.get("state") == "SUCCESS" else None
+
+    task = wait_until(succeeded, 30, what=f"Flower to show task {res.id} as SUCCESS")
+    print(f"Flower's view of {res.id}: {task}")
+    assert task["name"] == add.name
+    assert task["args"] == "(20, 22)"
+    assert task["result"] == "42"
+    assert task["worker"].startswith("default@"), task["worker"]

@@ -99,8 +99,8 @@ def test_reliable_delivery_and_events() -> None:
     # One list per queue: what lets a one-queue worker fetch through its in-flight list.
     assert settings["broker_transport_options"]["priority_steps"] == [0]
     assert settings["broker_transport_options"]["publish_wait_timeout"] == 1000
-    assert settings["worker_send_task_events"] is True
-    assert settings["task_send_sent_event"] is True
+    assert settings["worker_send_task_events"] is False
+    assert settings["task_send_sent_event"] is False
     assert settings["result_expires"] == 86400
     for optional in ("task_compression", "task_default_queue", "task_routes", "task_time_limit"):
         assert optional not in settings
@@ -203,10 +203,10 @@ def test_the_cost_knobs_change_only_their_own_settings() -> None:
     guarantee."""
     base = load(env())
     assert base["task_ignore_result"] is False
-    assert base["task_send_sent_event"] is True
+    assert base["task_send_sent_event"] is False
     assert base["task_reject_on_worker_lost"] is True
     knobs = {
-        "TASK_EVENTS": ("false", {"worker_send_task_events": False, "task_send_sent_event": False}),
+        "TASK_EVENTS": ("true", {"worker_send_task_events": True, "task_send_sent_event": True}),
         "IGNORE_RESULT": ("yes", {"task_ignore_result": True}),
         "ACKS_LATE": ("0", {"task_acks_late": False, "task_reject_on_worker_lost": False}),
         "PREFETCH_MULTIPLIER": ("16", {"worker_prefetch_multiplier": 16}),

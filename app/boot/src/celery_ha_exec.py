@@ -31,7 +31,7 @@ DEFAULTS: dict[str, dict[str, str]] = {
     "beat": {"CELERY_HA_LOG_LEVEL": "INFO"},
     "flower": {
         "CELERY_HA_LOG_LEVEL": "INFO",
-        "CELERY_HA_TASK_EVENTS": "true",
+        "CELERY_HA_TASK_EVENTS": "false",
         "FLOWER_ADDRESS": "127.0.0.1",
         "FLOWER_PORT": "5556",
     },

@@ -462,7 +462,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     master_wait = env.number("MASTER_WAIT", 10.0)
     result_expires = env.integer("RESULT_EXPIRES", 86400, minimum=1)
     # What each costs is in README's Performance section (make bench, the cost table).
-    task_events = env.boolean("TASK_EVENTS", True)
+    task_events = env.boolean("TASK_EVENTS", False)
     ignore_result = env.boolean("IGNORE_RESULT", False)
     acks_late = env.boolean("ACKS_LATE", True)
     prefetch_multiplier = env.integer("PREFETCH_MULTIPLIER", 1, minimum=1, maximum=MAX_PREFETCH)
