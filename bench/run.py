@@ -16,7 +16,9 @@ side by side in the same invocation on the same lab:
             to the bare worker run with as many pool processes, plus CPU seconds per 1000
             tasks by component (workers, master, replicas, Sentinels, Flower, exporter, beat,
             journald) from each process's own accounting (/proc/PID/stat); the settings go
-            back to the defaults at the end
+            back to the defaults at the end. Also the bare worker over mutual TLS (the
+            price of TLS alone) and the idle cluster's CPU per minute (heartbeats, gossip,
+            Sentinel, Flower's polls)
   connections  the connections each client process holds on the master, each replica and
             each Sentinel (CLIENT LIST on the servers, matched to the process that owns each
             source port on its host): the per-unit costs behind README's Scaling section
@@ -191,10 +193,11 @@ def publish_fill(conf: dict[str, Any], n: int, payload: str | None = None) -> No
             )
 
 
-def ping_bare(url: str) -> bool:
+def ping_bare(conf: dict[str, Any]) -> bool:
     from celery import Celery
 
-    app = Celery("bench-ping", broker=url, set_as_current=False)
+    app = Celery("bench-ping", set_as_current=False)
+    app.conf.update(conf)
     try:
         return bool(app.control.ping(timeout=1.0))
     finally:
@@ -221,27 +224,47 @@ def drain_rate(client: redis.Redis, queue: str, n: int, timeout: float = 600) ->
     return n / (time.monotonic() - t0)
 
 
+# The lab's Redis certificates (the redis role) and the client's (the celery role), which the
+# bare worker over TLS borrows: the same mutual TLS as the cluster's links.
+BARE_SERVER_TLS = (
+    "--tls-cert-file /etc/redis/tls/server/cert.crt --tls-key-file /etc/redis/tls/server/cert.key "
+    "--tls-ca-cert-file /etc/redis/tls/server/ca.crt"
+)
+BARE_CLIENT_TLS = (
+    "{'ssl_cert_reqs': ssl.CERT_REQUIRED, 'ssl_check_hostname': True, "
+    "'ssl_ca_certs': '/etc/celery-ha/tls/ca.crt', 'ssl_certfile': '/etc/celery-ha/tls/cert.crt', "
+    "'ssl_keyfile': '/etc/celery-ha/tls/cert.key'}"
+)
+
+
 @contextlib.contextmanager
-def bare_worker(c: Cluster, processes: int) -> Iterator[tuple[str, redis.Redis, str]]:
+def bare_worker(
+    c: Cluster, processes: int, tls: bool = False
+) -> Iterator[tuple[str, redis.Redis, dict[str, Any]]]:
     """The classic single-server setup on one lab host, thrown away at the end: plain Redis
     (no auth, no persistence) bound to the host's lab address, and a bare `celery worker`
-    with default settings and ``processes`` pool processes. Yields (host, client, URL)."""
+    with default settings and ``processes`` pool processes. ``tls``: the same over mutual TLS
+    with the cluster's certificates, which prices TLS alone. Yields (host, client, the
+    publisher's broker settings)."""
     host = c.worker_hosts[1] if len(c.worker_hosts) > 1 else c.worker_hosts[0]
     addr = c.addresses[host]
-    url = f"redis://{addr}:{BARE_PORT}/0"
+    url = f"{'rediss' if tls else 'redis'}://{addr}:{BARE_PORT}/0"
     bare_app = (
+        "import ssl\n"
         "from celery import Celery\n"
         f"app = Celery('bare', broker='{url}')\n"
-        f"@app.task(name='{NOOP_TASK}')\n"
+        + (f"app.conf.broker_use_ssl = {BARE_CLIENT_TLS}\n" if tls else "")
+        + f"@app.task(name='{NOOP_TASK}')\n"
         "def noop(*payload):\n    return None\n"
     )
+    listen = f"--port 0 --tls-port {BARE_PORT} {BARE_SERVER_TLS}" if tls else f"--port {BARE_PORT}"
     # Transient systemd units: nothing inherits the ssh session's descriptors, and stopping
     # them removes every process they started.
     setup = (
         "set -e; mkdir -p /tmp/bench-bare; "
         f"printf %s {shlex.quote(bare_app)} > /tmp/bench-bare/bare_app.py; "
         "systemd-run --quiet --unit=bench-redis /usr/bin/redis-server "
-        f"--port {BARE_PORT} --bind {addr} --protected-mode no --save '' --appendonly no; "
+        f"{listen} --bind {addr} --protected-mode no --save '' --appendonly no; "
         "systemd-run --quiet --unit=bench-worker --working-directory=/tmp/bench-bare "
         "/opt/celery-ha/venv/bin/celery -A bare_app worker --loglevel=WARNING "
         f"--concurrency={processes}"
@@ -250,13 +273,16 @@ def bare_worker(c: Cluster, processes: int) -> Iterator[tuple[str, redis.Redis, 
         "systemctl stop bench-worker bench-redis 2>/dev/null; "
         "systemctl reset-failed bench-worker bench-redis 2>/dev/null; rm -rf /tmp/bench-bare; true"
     )
+    conf: dict[str, Any] = {"broker_url": url}
+    if tls:
+        conf["broker_use_ssl"] = c.settings["broker_use_ssl"]
     c.lab.ssh(host, teardown, check=False)
     try:
         c.lab.ssh(host, setup, timeout=60)
-        client = redis.Redis(host=addr, port=BARE_PORT, socket_timeout=10)
+        client = redis.Redis(host=addr, port=BARE_PORT, socket_timeout=10, **(c.tls if tls else {}))
         wait_until(lambda: client.ping(), 60, what="the throwaway Redis")
-        wait_until(lambda: ping_bare(url), 90, interval=1, what="the bare worker")
-        yield host, client, url
+        wait_until(lambda: ping_bare(conf), 90, interval=1, what="the bare worker")
+        yield host, client, conf
     finally:
         c.lab.ssh(host, teardown, check=False)
 
@@ -278,13 +304,13 @@ def cluster_drain(c: Cluster, conf: dict[str, Any], n: int, payload: str | None 
 
 def bare_drain(
     client: redis.Redis,
-    url: str,
+    bare_conf: dict[str, Any],
     n: int,
     payload: str | None = None,
     compression: str | None = None,
 ) -> float:
     client.delete(FILL_QUEUE)
-    conf: dict[str, Any] = {"broker_url": url}
+    conf = dict(bare_conf)
     if compression:
         conf["task_compression"] = compression
     publish_fill(conf, n, payload)
@@ -300,12 +326,12 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
     bare_rates: list[float] = []
     lpush: list[float] = []
     rpop: list[float] = []
-    with bare_worker(c, processes) as (host, bare, bare_url):
+    with bare_worker(c, processes) as (host, bare, bare_conf):
         conf = cluster_publish_conf(c)
         for i in range(runs):
             rate = cluster_drain(c, conf, n)
             cluster_rates.append(rate)
-            brate = bare_drain(bare, bare_url, n)
+            brate = bare_drain(bare, bare_conf, n)
             bare_rates.append(brate)
             addr = c.addresses[host]
             out = lab.ssh(
@@ -375,7 +401,7 @@ def publish_rate(conf: dict[str, Any], producers: int, n: int) -> float:
 # file (the last file a worker reads, so it wins over celery.env and the role's own line).
 COST_VARIANTS: list[tuple[str, dict[str, str]]] = [
     ("defaults", {}),
-    ("task events off", {"CELERY_HA_TASK_EVENTS": "false"}),
+    ("task events on (Flower's task view)", {"CELERY_HA_TASK_EVENTS": "true"}),
     ("results not stored", {"CELERY_HA_IGNORE_RESULT": "true"}),
     ("prefetch multiplier 4", {"CELERY_HA_PREFETCH_MULTIPLIER": "4"}),
     ("prefetch multiplier 16", {"CELERY_HA_PREFETCH_MULTIPLIER": "16"}),
@@ -385,23 +411,13 @@ COST_VARIANTS: list[tuple[str, dict[str, str]]] = [
     ("log level WARNING (no line per task)", {"CELERY_HA_LOG_LEVEL": "WARNING"}),
     ("threads pool", {"CELERY_HA_WORKER_POOL": "threads"}),
     ("concurrency 4 per instance", {"CELERY_HA_WORKER_CONCURRENCY": "4"}),
-    # The candidates for new defaults, together: what they buy at once.
     (
-        "events off, prefetch 4",
-        {"CELERY_HA_TASK_EVENTS": "false", "CELERY_HA_PREFETCH_MULTIPLIER": "4"},
+        "prefetch 4, log level WARNING",
+        {"CELERY_HA_PREFETCH_MULTIPLIER": "4", "CELERY_HA_LOG_LEVEL": "WARNING"},
     ),
-    (
-        "events off, prefetch 4, log level WARNING",
-        {
-            "CELERY_HA_TASK_EVENTS": "false",
-            "CELERY_HA_PREFETCH_MULTIPLIER": "4",
-            "CELERY_HA_LOG_LEVEL": "WARNING",
-        },
-    ),
-    (
-        "events off + prefetch 16",
-        {"CELERY_HA_TASK_EVENTS": "false", "CELERY_HA_PREFETCH_MULTIPLIER": "16"},
-    ),
+    # The lab's rate drifts over a run of some 15 minutes (the machine's other load, Redis's
+    # AOF growing): the defaults again at the end show by how much.
+    ("defaults, again at the end", {}),
 ]
 BENCH_MARK = "# bench override"
 # The settings the variants move, checked on every worker after each change.
@@ -496,15 +512,47 @@ def _default_queue_processes(c: Cluster) -> int:
     return total
 
 
-def _cpu_per_1000(
-    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], master: str, n: int
+def _cpu_by_component(
+    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], master: str
 ) -> dict[str, float]:
     per: dict[str, float] = {}
     for (host, unit), secs in after.items():
         component = _cpu_component(unit, host, master)
         if component:
             per[component] = per.get(component, 0.0) + secs - before.get((host, unit), 0.0)
-    return {k: v * 1000 / n for k, v in per.items()}
+    return per
+
+
+def _cpu_per_1000(
+    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], master: str, n: int
+) -> dict[str, float]:
+    return {k: v * 1000 / n for k, v in _cpu_by_component(before, after, master).items()}
+
+
+def _bare_runs(
+    lab: Lab, host: str, client: redis.Redis, conf: dict[str, Any], runs: int, n: int
+) -> tuple[float | None, float | None]:
+    """Median tasks/s of the bare worker, and its CPU s per 1000 tasks (worker and Redis)."""
+    rates: list[float] = []
+    cpu: list[float] = []
+    for _ in range(runs):
+        before = _cpu_by_unit(lab, [host])
+        rates.append(bare_drain(client, conf, n))
+        after = _cpu_by_unit(lab, [host])
+        cpu.append(
+            sum(
+                secs - before.get(key, 0.0)
+                for key, secs in after.items()
+                if key[1].startswith(("bench-worker", "bench-redis"))
+            )
+            * 1000
+            / n
+        )
+    return median(rates), median(cpu)
+
+
+# Long enough for several heartbeats (2 s), Flower's polls (5 s) and redelivery refreshes.
+IDLE_S = 30.0
 
 
 PAYLOADS = ((1024, None), (1024, "gzip"), (100 * 1024, None), (100 * 1024, "gzip"))
@@ -518,27 +566,32 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
     processes = _default_queue_processes(c)
     rows: list[dict[str, Any]] = []
     extra: list[dict[str, Any]] = []
-    with bare_worker(c, processes) as (bare_host, bare, bare_url):
-        bare_rates: list[float] = []
-        bare_cpu: list[float] = []
-        for _ in range(runs):
-            before = _cpu_by_unit(lab, [bare_host])
-            bare_rates.append(bare_drain(bare, bare_url, n))
-            after = _cpu_by_unit(lab, [bare_host])
-            bare_cpu.append(
-                sum(
-                    secs - before.get(key, 0.0)
-                    for key, secs in after.items()
-                    if key[1].startswith(("bench-worker", "bench-redis"))
-                )
-                * 1000
-                / n
-            )
-        bare_rate = median(bare_rates)
+    # TLS alone: the cluster cannot drop it (its Redis listens on TLS only), so the bare
+    # worker takes it on instead, with the cluster's certificates.
+    with bare_worker(c, processes, tls=True) as (tls_host, tls_client, tls_conf):
+        tls_rate, tls_cpu = _bare_runs(lab, tls_host, tls_client, tls_conf, runs, n)
+    with bare_worker(c, processes) as (bare_host, bare, bare_conf):
+        bare_rate, bare_cpu = _bare_runs(lab, bare_host, bare, bare_conf, runs, n)
         say(
             f"bare worker, {processes} processes: {bare_rate} tasks/s, "
-            f"CPU s/1000 (worker and Redis) {median(bare_cpu)}"
+            f"CPU s/1000 (worker and Redis) {bare_cpu}; over mutual TLS {tls_rate} tasks/s, "
+            f"CPU s/1000 {tls_cpu}"
         )
+        bare_tls = {
+            "tasks_per_s": tls_rate,
+            "vs_bare": round(tls_rate / bare_rate, 3) if tls_rate and bare_rate else None,
+            "cpu_s_per_1000": tls_cpu,
+        }
+        # What the cluster burns with nothing to do (heartbeats, gossip, Sentinel's pings,
+        # Flower's polls, the redelivery refresh): paid per minute, not per task.
+        master = c.master_host()
+        before = _cpu_by_unit(lab, hosts)
+        time.sleep(IDLE_S)
+        idle = {
+            k: round(v * 60 / IDLE_S, 3)
+            for k, v in sorted(_cpu_by_component(before, _cpu_by_unit(lab, hosts), master).items())
+        }
+        say(f"idle cluster, CPU s per minute: {idle}")
         try:
             for name, overrides in COST_VARIANTS:
                 since = time.time()
@@ -586,7 +639,7 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
             count = min(n, (32 << 20) // size)
             crate = median([cluster_drain(c, cconf, count, payload) for _ in range(runs)])
             brate = median(
-                [bare_drain(bare, bare_url, count, payload, compression) for _ in range(runs)]
+                [bare_drain(bare, bare_conf, count, payload, compression) for _ in range(runs)]
             )
             label = f"{size // 1024} KiB payload{', ' + compression if compression else ''}"
             extra.append(
@@ -607,7 +660,7 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
             cpub.append(publish_rate(conf, producers, per))
             master.delete(FILL_QUEUE)
             bare.delete(FILL_QUEUE)
-            bpub.append(publish_rate({"broker_url": bare_url}, producers, per))
+            bpub.append(publish_rate(bare_conf, producers, per))
             bare.delete(FILL_QUEUE)
         extra.append(
             {
@@ -621,7 +674,9 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
         "tasks_per_run": n,
         "bare_processes": processes,
         "bare_worker_tasks_per_s": bare_rate,
-        "bare_cpu_s_per_1000": median(bare_cpu),
+        "bare_cpu_s_per_1000": bare_cpu,
+        "bare_over_tls": bare_tls,
+        "idle_cpu_s_per_min": idle,
         "variants": rows,
         "side_by_side": extra,
     }
@@ -867,6 +922,16 @@ def table(results: dict[str, Any]) -> str:
                 f"and Redis): {costs.get('bare_cpu_s_per_1000')}",
             )
         )
+        tls = costs.get("bare_over_tls") or {}
+        rows.append(
+            (
+                "  the bare worker over mutual TLS",
+                f"{tls.get('tasks_per_s')} tasks/s, {tls.get('vs_bare')} of bare; CPU s per "
+                f"1000 tasks: {tls.get('cpu_s_per_1000')}",
+            )
+        )
+        idle = ", ".join(f"{k} {v}" for k, v in (costs.get("idle_cpu_s_per_min") or {}).items())
+        rows.append(("  idle cluster (heartbeats, gossip, polls), CPU s per minute", idle))
         for row in costs["variants"]:
             cpu = ", ".join(f"{k} {v}" for k, v in row["cpu_s_per_1000"].items())
             rows.append(
