@@ -16,7 +16,10 @@ side by side in the same invocation on the same lab:
             to the bare worker run with as many pool processes, plus CPU seconds per 1000
             tasks by component (workers, master, replicas, Sentinels, Flower, exporter, beat,
             journald) from each process's own accounting (/proc/PID/stat); the settings go
-            back to the defaults at the end. Also the bare worker over mutual TLS (the
+            back to the defaults at the end. The defaults run again after every two
+            variants, each time right after the bare worker (the machine runs faster after a
+            rest than under sustained load), and each variant is a ratio to the bare and the
+            defaults runs around it. Also the bare worker over mutual TLS (the
             price of TLS alone) and the idle cluster's CPU per minute (heartbeats, gossip,
             Sentinel, Flower's polls)
   connections  the connections each client process holds on the master, each replica and
@@ -400,7 +403,6 @@ def publish_rate(conf: dict[str, Any], producers: int, n: int) -> float:
 # One setting changed at a time from the defaults, written at the end of every worker env
 # file (the last file a worker reads, so it wins over celery.env and the role's own line).
 COST_VARIANTS: list[tuple[str, dict[str, str]]] = [
-    ("defaults", {}),
     ("task events on (Flower's task view)", {"CELERY_HA_TASK_EVENTS": "true"}),
     ("results not stored", {"CELERY_HA_IGNORE_RESULT": "true"}),
     ("prefetch multiplier 4", {"CELERY_HA_PREFETCH_MULTIPLIER": "4"}),
@@ -415,10 +417,36 @@ COST_VARIANTS: list[tuple[str, dict[str, str]]] = [
         "prefetch 4, log level WARNING",
         {"CELERY_HA_PREFETCH_MULTIPLIER": "4", "CELERY_HA_LOG_LEVEL": "WARNING"},
     ),
-    # The lab's rate drifts over a run of some 15 minutes (the machine's other load, Redis's
-    # AOF growing): the defaults again at the end show by how much.
-    ("defaults, again at the end", {}),
 ]
+# This machine runs some 30 % faster after a rest than under the sustained load of a table
+# (a quarter hour), more than most settings cost: the defaults run again after every
+# DEFAULTS_EVERY variants, each time right after the bare worker, and each variant is given
+# against the defaults and bare runs just before and after it.
+DEFAULTS_EVERY = 2
+
+
+def cost_schedule() -> list[tuple[str, dict[str, str]]]:
+    schedule: list[tuple[str, dict[str, str]]] = [("defaults", {})]
+    for i in range(0, len(COST_VARIANTS), DEFAULTS_EVERY):
+        schedule += [*COST_VARIANTS[i : i + DEFAULTS_EVERY], ("defaults", {})]
+    return schedule
+
+
+def relative_to_neighbours(rows: list[dict[str, Any]]) -> None:
+    """A defaults row's rate over the bare worker's run just before it; a variant's over the
+    mean of the bare runs and of the defaults runs before and after it."""
+    for i, row in enumerate(rows):
+        if not row["tasks_per_s"]:
+            continue
+        if not row["overrides"]:
+            row["vs_bare"] = round(row["tasks_per_s"] / row["bare_tasks_per_s"], 3)
+            continue
+        before = next(r for r in reversed(rows[:i]) if not r["overrides"])
+        after = next((r for r in rows[i + 1 :] if not r["overrides"]), before)
+        for key, ratio in (("bare_tasks_per_s", "vs_bare"), ("tasks_per_s", "vs_defaults_around")):
+            row[ratio] = round(row["tasks_per_s"] / ((before[key] + after[key]) / 2), 3)
+
+
 BENCH_MARK = "# bench override"
 # The settings the variants move, checked on every worker after each change.
 VARIANT_KEYS = (
@@ -593,7 +621,9 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
         }
         say(f"idle cluster, CPU s per minute: {idle}")
         try:
-            for name, overrides in COST_VARIANTS:
+            for name, overrides in cost_schedule():
+                if not overrides:
+                    bare_now = median([bare_drain(bare, bare_conf, n) for _ in range(runs)])
                 since = time.time()
                 _set_overrides(c, overrides)
                 master = c.master_host()
@@ -621,7 +651,8 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
                         "variant": name,
                         "overrides": overrides,
                         "tasks_per_s": rate,
-                        "vs_bare": round(rate / bare_rate, 3) if rate and bare_rate else None,
+                        "bare_tasks_per_s": bare_now,
+                        "vs_bare": round(rate / bare_now, 3) if rate and bare_now else None,
                         "cpu_s_per_1000": cpu,
                         "runs": rates,
                     }
@@ -629,6 +660,9 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
                 say(f"{name}: {rate} tasks/s ({rows[-1]['vs_bare']} of bare), CPU s/1000 {cpu}")
         finally:
             _set_overrides(c, {})
+        relative_to_neighbours(rows)
+        defaults_rate = median([r["tasks_per_s"] for r in rows if not r["overrides"]])
+        defaults_vs_bare = median([r["vs_bare"] for r in rows if not r["overrides"]])
         # Payloads and compression are the publisher's choice (a worker decompresses what it
         # receives), with the deployed defaults on both sides.
         conf = cluster_publish_conf(c)
@@ -676,6 +710,8 @@ def bench_costs(lab: Lab, runs: int, n: int, producers: int) -> dict[str, Any]:
         "bare_worker_tasks_per_s": bare_rate,
         "bare_cpu_s_per_1000": bare_cpu,
         "bare_over_tls": bare_tls,
+        "defaults_tasks_per_s": defaults_rate,
+        "defaults_vs_bare": defaults_vs_bare,
         "idle_cpu_s_per_min": idle,
         "variants": rows,
         "side_by_side": extra,
@@ -932,12 +968,24 @@ def table(results: dict[str, Any]) -> str:
         )
         idle = ", ".join(f"{k} {v}" for k, v in (costs.get("idle_cpu_s_per_min") or {}).items())
         rows.append(("  idle cluster (heartbeats, gossip, polls), CPU s per minute", idle))
+        rows.append(
+            (
+                "  the defaults, median of all their rows (each against the bare run before it)",
+                f"{costs.get('defaults_tasks_per_s')} tasks/s, "
+                f"{costs.get('defaults_vs_bare')} of bare",
+            )
+        )
         for row in costs["variants"]:
             cpu = ", ".join(f"{k} {v}" for k, v in row["cpu_s_per_1000"].items())
+            around = (
+                f", {row['vs_defaults_around']} of the defaults around it"
+                if "vs_defaults_around" in row
+                else ""
+            )
             rows.append(
                 (
                     f"  {row['variant']}",
-                    f"{row['tasks_per_s']} tasks/s, {row['vs_bare']} of bare; "
+                    f"{row['tasks_per_s']} tasks/s, {row['vs_bare']} of bare{around}; "
                     f"CPU s per 1000 tasks: {cpu}",
                 )
             )
