@@ -227,16 +227,18 @@ def drain_rate(client: redis.Redis, queue: str, n: int, timeout: float = 600) ->
     return n / (time.monotonic() - t0)
 
 
-# The lab's Redis certificates (the redis role) and the client's (the celery role), which the
-# bare worker over TLS borrows: the same mutual TLS as the cluster's links.
+# The lab's Redis certificates (the redis role), which the bare Redis over TLS borrows; its
+# worker takes the cluster's own client TLS settings, from celery.env through
+# celery_ha_settings: the same mutual TLS as the cluster's links.
 BARE_SERVER_TLS = (
     "--tls-cert-file /etc/redis/tls/server/cert.crt --tls-key-file /etc/redis/tls/server/cert.key "
     "--tls-ca-cert-file /etc/redis/tls/server/ca.crt"
 )
 BARE_CLIENT_TLS = (
-    "{'ssl_cert_reqs': ssl.CERT_REQUIRED, 'ssl_check_hostname': True, "
-    "'ssl_ca_certs': '/etc/celery-ha/tls/ca.crt', 'ssl_certfile': '/etc/celery-ha/tls/cert.crt', "
-    "'ssl_keyfile': '/etc/celery-ha/tls/cert.key'}"
+    "import celery_ha_settings\n"
+    "from celery_ha_exec import CONFIG_DIR, parse_env\n"
+    "env = parse_env((CONFIG_DIR / 'celery.env').read_text(), 'celery.env')\n"
+    "app.conf.broker_use_ssl = celery_ha_settings.load(env)['broker_use_ssl']\n"
 )
 
 
@@ -253,10 +255,9 @@ def bare_worker(
     addr = c.addresses[host]
     url = f"{'rediss' if tls else 'redis'}://{addr}:{BARE_PORT}/0"
     bare_app = (
-        "import ssl\n"
         "from celery import Celery\n"
         f"app = Celery('bare', broker='{url}')\n"
-        + (f"app.conf.broker_use_ssl = {BARE_CLIENT_TLS}\n" if tls else "")
+        + (BARE_CLIENT_TLS if tls else "")
         + f"@app.task(name='{NOOP_TASK}')\n"
         "def noop(*payload):\n    return None\n"
     )
