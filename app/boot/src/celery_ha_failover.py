@@ -51,6 +51,7 @@ way to pass another class, hence the copy of its pool factory below.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import queue
@@ -65,10 +66,13 @@ from functools import partial
 from typing import Any, ClassVar
 
 import redis
+from celery import states
 from celery.app import backends
 from celery.backends.redis import SentinelBackend as StockSentinelBackend
+from celery.exceptions import BackendStoreError
 from kombu import transport
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
@@ -636,10 +640,49 @@ return false
 """
 
 
+class ServerScript:
+    """A Lua script run by its SHA1 (EVALSHA): the master keeps it cached, so each call sends
+    a digest, not the source. A master that does not know it yet (a new one after a failover,
+    or one restarted) gets the source once (EVAL caches it). ``#!lua`` without flags: Redis
+    refuses the whole script up front, with its usual READONLY, NOREPLICAS or OOM reply, where
+    it would refuse a write command, so nothing of it runs on a master that cannot write."""
+
+    def __init__(self, source: str) -> None:
+        self.source = "#!lua\n" + source.lstrip()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    def __call__(self, client: redis.Redis, keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return client.eval(self.source, len(keys), *keys, *args)
+
+
+# kombu's unacked write (ZADD index, HSET unacked) and the message's removal from the
+# in-flight list it was moved to, as one atomic command: a MULTI of the three costs the
+# worker five replies to parse and the master five commands, for every message.
+# KEYS: unacked index, unacked hash, in-flight list. ARGV: score, tag, entry, item.
+_RECORD_UNACKED = ServerScript(
+    """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('LREM', KEYS[3], 1, ARGV[4])
+"""
+)
+# kombu's ack (ZREM index, HDEL unacked: a MULTI of two) as one command.
+# KEYS: unacked index, unacked hash. ARGV: tag.
+_FORGET_UNACKED = ServerScript(
+    """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+"""
+)
+
+
 class InflightQoS(kombu_redis.QoS):
     """kombu's QoS, whose unacked write also takes the message out of the channel's in-flight
-    list, in the same MULTI: at every moment the message is in the queue, in the in-flight
-    list or in the unacked hash, never only in a process's memory."""
+    list, in the same atomic script: at every moment the message is in the queue, in the
+    in-flight list or in the unacked hash, never only in a process's memory."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
         moving = self.channel._moving
@@ -648,14 +691,24 @@ class InflightQoS(kombu_redis.QoS):
         key, item = moving
         delivery = message.delivery_info
         raw = kombu_redis.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag, raw)
-            pipe.lrem(key, 1, item)
-            pipe.execute()
+        with self.channel.conn_or_acquire() as client:
+            _RECORD_UNACKED(
+                client,
+                [self.unacked_index_key, self.unacked_key, key],
+                [time.time(), delivery_tag, raw, item],
+            )
         self.channel._moving = None
         # kombu's virtual QoS: the delivered set (what the redelivery refresher re-scores).
         super(kombu_redis.QoS, self).append(message, delivery_tag)
+        return None
+
+    def ack(self, delivery_tag: str) -> None:
+        if self.channel.global_keyprefix:
+            # kombu prefixes the keys of the commands it knows, not a script's.
+            return super().ack(delivery_tag)
+        with self.channel.conn_or_acquire() as client:
+            _FORGET_UNACKED(client, [self.unacked_index_key, self.unacked_key], [delivery_tag])
+        super(kombu_redis.QoS, self).ack(delivery_tag)
         return None
 
 
@@ -1010,7 +1063,62 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 # ---------------------------------------------------------------------------------------
 # celery
 # ---------------------------------------------------------------------------------------
-class SentinelBackend(StockSentinelBackend):
+# celery's result write reads the task's stored state first (a SUCCESS there is kept), then
+# writes and publishes the result: a GET, then a MULTI of SETEX and PUBLISH, two round trips
+# per task. Here one, when nothing is stored yet (the usual case); a stored state is
+# returned for celery's own check. KEYS: the task's key. ARGV: the result, its expiry (s, 0:
+# none).
+_STORE_FIRST_RESULT = ServerScript(
+    """
+local stored = redis.call('GET', KEYS[1])
+if stored then return stored end
+if ARGV[2] ~= '0' then
+    redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+else
+    redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return false
+"""
+)
+
+
+class FirstResultInOneTrip:
+    """celery's Redis result backend, writing a task's first result in one round trip."""
+
+    def _store_result(
+        self,
+        task_id: Any,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        # celery 5.6's own method (celery/backends/base.py), whose read of the stored state
+        # and whose write go to the master in one round trip when no state is stored yet.
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = bytes_to_str(task_id)
+        key = self.get_key_for_task(task_id)
+        value = self.encode(meta)
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError(
+                "value too large for Redis backend", state=state, task_id=task_id
+            )
+        stored = self.ensure(_STORE_FIRST_RESULT, (self.client, [key], [value, self.expires or 0]))
+        # A task that ran twice does not overwrite the result of its run that succeeded.
+        if stored is None or self.decode_result(stored)["status"] == states.SUCCESS:
+            return result
+        try:
+            self._set_with_state(key, value, state)
+        except BackendStoreError as exc:
+            raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
+        return result
+
+
+class SentinelBackend(FirstResultInOneTrip, StockSentinelBackend):
     """celery's Sentinel result backend with FastSentinel. A result write refused by a master
     that was cut off (NOREPLICAS) or demoted arrives as NotMasterError, a connection error,
     which celery retries until the new master takes it instead of failing the task."""
