@@ -43,7 +43,7 @@ from support.drillkit import (
     wait_healthy,
     wait_new_master,
 )
-from support.ledger import RECORD_TASK, Ledger, Producer, longest_gap, new_run_id, wait_until
+from support.ledger import RECORD_TASK, Ledger, Producer, new_run_id, wait_until
 
 # A regression guard (the 70 s of issue 11), not the goal: the figures show the goal.
 GAP_GUARD_S = 30.0
@@ -81,19 +81,10 @@ class Drill(TwoProducers):
         self.remote.stop()
         report = self.load.finish(gap_from=self.t_fault, parked_ok=False, stop_at=t_stop)
         switch = earliest_switch(self.c, self.t_fault - 1)
-        window = (self.t_fault, t_stop)
-        controller_times = [
-            t
-            for i, t in self.load.ledger.published.items()
-            if f"{self.load.ledger.run_id}-r" not in i
-        ]
         row_extra: dict[str, Any] = {
             "target": self.target,
             "switch_s": None if switch is None else round(switch - self.t_fault, 2),
-            "controller_publish_stall_s": round(longest_gap(controller_times, *window)[0], 2),
-            "worker_host_publish_stall_s": round(
-                longest_gap(self.remote.published_times(), *window)[0], 2
-            ),
+            **self.publish_stalls(self.t_fault, t_stop),
             "worker_host_publish_failures": self.remote.failures,
             **extra,
         }

@@ -13,7 +13,6 @@ from typing import Any
 
 from support.cluster import Cluster, Lab
 from support.drillkit import TwoProducers, record, say
-from support.ledger import longest_gap
 
 # A regression guard, not the goal: the figures show what each operation costs.
 GAP_GUARD_S = 30.0
@@ -57,21 +56,12 @@ class OpsDrill(TwoProducers):
         self.remote.stop()
         start = self.t_op if self.t_fault is None else min(self.t_fault, self.t_op)
         report = self.load.finish(gap_from=start, parked_ok=False, stop_at=t_stop)
-        window = (start, t_stop)
-        controller = [
-            t
-            for i, t in self.load.ledger.published.items()
-            if f"{self.load.ledger.run_id}-r" not in i
-        ]
         record(
             figures,
             name,
             report,
             operation_s=round(self.t_op_end - self.t_op, 1),
-            controller_publish_stall_s=round(longest_gap(controller, *window)[0], 2),
-            worker_host_publish_stall_s=round(
-                longest_gap(self.remote.published_times(), *window)[0], 2
-            ),
+            **self.publish_stalls(start, t_stop),
             worker_host_publish_failures=self.remote.failures,
             **extra,
         )

@@ -259,6 +259,24 @@ class TwoProducers:
         self.load.producer.stop()
         self.remote.stop()
 
+    def publish_stalls(self, start: float, end: float) -> dict[str, Any]:
+        """Each producer's longest stall inside [start, end], and when it began (s after
+        ``start``): a stall long after the fault points at the repair, not at the switch."""
+        controller = [
+            t
+            for i, t in self.load.ledger.published.items()
+            if f"{self.load.ledger.run_id}-r" not in i
+        ]
+        figures: dict[str, Any] = {}
+        for name, times in (
+            ("controller", controller),
+            ("worker_host", self.remote.published_times()),
+        ):
+            gap, began, _ = longest_gap(times, start, end)
+            figures[f"{name}_publish_stall_s"] = round(gap, 2)
+            figures[f"{name}_publish_stall_began_s"] = round(began - start, 2)
+        return figures
+
 
 def wait_new_master(c: Cluster, old: str, timeout: float = 120) -> str:
     """The host that every Sentinel but old's names as master once it is not ``old``."""

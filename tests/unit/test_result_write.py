@@ -85,7 +85,7 @@ def test_a_master_that_cannot_write_gets_nothing(
     # celery retries on the new master) and nothing is half written.
     client.config_set("min-replicas-to-write", 1)
     try:
-        with pytest.raises(redis.exceptions.ResponseError, match="^NOREPLICAS"):
+        with pytest.raises(redis.exceptions.ResponseError, match=r"^NOREPLICAS"):
             failover._STORE_FIRST_RESULT(client, ["celery-task-meta-t5"], ["x", 0])
     finally:
         client.config_set("min-replicas-to-write", 0)
