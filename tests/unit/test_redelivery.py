@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -199,6 +200,7 @@ def test_settings_carry_the_bound_and_install_adds_the_consumer_step() -> None:
     rd.install(app)
     rd.install(app)
     assert list(app.steps["consumer"]).count(rd.RedeliveryStep) == 1
+    assert list(app.steps["consumer"]).count(rd.WakeupStep) == 1
 
 
 @pytest.mark.parametrize(
@@ -241,3 +243,30 @@ def test_a_closing_channel_requeues_all_but_the_tasks_still_running(monkeypatch)
     rd.keep_running_on_close(qos)  # once per QoS, however often the step starts
     qos.restore_unacked()
     assert requeued == ["reserved"]
+
+
+def test_a_call_soon_from_another_thread_wakes_the_loop() -> None:
+    # The threads pool's ack reaches the worker's loop through hub.call_soon from the pool's
+    # thread; the loop must see its poll return instead of sleeping on until a timer fires.
+    from kombu.asynchronous import Hub
+
+    hub = Hub()
+    try:
+        read_end, _ = rd.wake_on_foreign_call_soon(hub)
+        hub.add_reader(read_end, rd._drain, read_end)
+        assert rd.wake_on_foreign_call_soon(hub)[0] == read_end  # once per hub
+        ran: list[str] = []
+        hub.call_soon(ran.append, "from the loop's thread")
+        assert not hub.poller.poll(0), "a call from the loop's own thread needs no wake-up"
+        worker = threading.Thread(target=hub.call_soon, args=(ran.append, "from a pool thread"))
+        worker.start()
+        worker.join()
+        events = hub.poller.poll(0)
+        assert [fd for fd, _ in events or ()] == [read_end]
+        rd._drain(read_end)
+        assert not hub.poller.poll(0)
+        for callback in hub._pop_ready():
+            callback()
+        assert sorted(ran) == ["from a pool thread", "from the loop's thread"]
+    finally:
+        hub.close()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -473,10 +474,66 @@ class RedeliveryStep(bootsteps.StartStopStep):
             self.thread = None
 
 
+def wake_on_foreign_call_soon(hub: Any) -> tuple[int, int]:
+    """Make ``hub.call_soon`` from any thread but the loop's wake the loop up.
+
+    celery 5.6 hands a finished task's ack (acks_late) to the worker's loop with
+    ``hub.call_soon`` (the ack promise of ``Consumer.create_task_handler``); with the threads
+    pool that call comes from the pool's thread, and kombu 5.6.2's loop runs it only when
+    its poll returns (``Hub.create_loop``): on a network event, or after up to a second.
+    Until then the task's prefetch slot stays taken, so the worker fetches nothing: tasks of
+    20 ms drained at 14/s on the lab's six threads, against 198/s with six processes. Here
+    such a call also writes a byte to a pipe the loop polls. Returns the pipe (read end,
+    write end)."""
+    if getattr(hub, "_celery_ha_waker", None) is not None:
+        return hub._celery_ha_waker  # type: ignore[no-any-return]
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    loop_thread = threading.get_ident()
+    schedule = hub.call_soon
+
+    def call_soon(callback: Any, *args: Any) -> Any:
+        scheduled = schedule(callback, *args)
+        if threading.get_ident() != loop_thread:
+            # Full pipe: the loop has wake-ups pending already.
+            with contextlib.suppress(BlockingIOError):
+                os.write(write_end, b"\0")
+        return scheduled
+
+    hub.call_soon = call_soon
+    hub._celery_ha_waker = (read_end, write_end)
+    return read_end, write_end
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
+
+
+class WakeupStep(bootsteps.StartStopStep):
+    """Consumer bootstep of threads-pool workers: see wake_on_foreign_call_soon."""
+
+    label = "celery-ha wake-up on a thread's ack"
+
+    def start(self, c: Any) -> None:
+        hub = c.hub
+        if hub is None or type(c.pool).__module__ != "celery.concurrency.thread":
+            return
+        read_end, _ = wake_on_foreign_call_soon(hub)
+        # Again after each consumer restart: a hub reset forgets its readers.
+        if read_end not in hub.readers:
+            hub.add_reader(read_end, _drain, read_end)
+
+
 def install(app: Celery) -> None:
-    """Add the refresher to ``app``'s workers when the settings ask for it (idempotent)."""
+    """Add the refresher to ``app``'s workers when the settings ask for it, and the wake-up
+    for threads-pool acks (idempotent)."""
+    steps = app.steps["consumer"]
+    if WakeupStep not in steps:
+        steps.add(WakeupStep)
     if app.conf.get(TIMEOUT_SETTING) is None:
         return
-    steps = app.steps["consumer"]
     if RedeliveryStep not in steps:
         steps.add(RedeliveryStep)
