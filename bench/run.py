@@ -22,6 +22,8 @@ side by side in the same invocation on the same lab:
             defaults runs around it. Also the bare worker over mutual TLS (the
             price of TLS alone) and the idle cluster's CPU per minute (heartbeats, gossip,
             Sentinel, Flower's polls)
+  pools     the threads pool against prefork with as many slots, for tasks that wait 0, 20
+            and 200 ms (a sleep, which holds no GIL): tasks/s and the most the slots allow
   connections  the connections each client process holds on the master, each replica and
             each Sentinel (CLIENT LIST on the servers, matched to the process that owns each
             source port on its host): the per-unit costs behind README's Scaling section
@@ -67,7 +69,7 @@ from support.ledger import NOOP_TASK, longest_gap, wait_until
 REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "bench-results"
-SECTIONS = ("bringup", "deploy", "throughput", "costs", "connections", "failover")
+SECTIONS = ("bringup", "deploy", "throughput", "costs", "pools", "connections", "failover")
 BARE_PORT = 6390
 FILL_QUEUE = "bench-fill"
 
@@ -178,8 +180,15 @@ def payload_of(size: int) -> str:
     return "".join(text)[:size]
 
 
-def publish_fill(conf: dict[str, Any], n: int, payload: str | None = None) -> None:
-    """Publish n no-op task messages into FILL_QUEUE, which no worker consumes.
+def publish_fill(
+    conf: dict[str, Any],
+    n: int,
+    payload: str | None = None,
+    task: str = NOOP_TASK,
+    args: list[Any] | None = None,
+) -> None:
+    """Publish n no-op task messages (or ``task`` with ``args``) into FILL_QUEUE, which no
+    worker consumes.
 
     conf: the task_* and broker_* settings (URL, transport options, TLS) to publish with. The
     publishing app has no result backend, so the controller does not subscribe to each
@@ -192,7 +201,10 @@ def publish_fill(conf: dict[str, Any], n: int, payload: str | None = None) -> No
     with app.producer_or_acquire() as producer:
         for _i in range(n):
             app.send_task(
-                NOOP_TASK, args=[payload] if payload else [], queue=FILL_QUEUE, producer=producer
+                task,
+                args=args if args is not None else [payload] if payload else [],
+                queue=FILL_QUEUE,
+                producer=producer,
             )
 
 
@@ -768,6 +780,42 @@ def _component(unit: str) -> str:
     return unit
 
 
+PAUSE_TASK = "drills.pause"
+POOL_TASK_SECONDS = (0.0, 0.02, 0.2)
+POOL_TASKS = 300
+
+
+def bench_pools(lab: Lab, runs: int) -> dict[str, Any]:
+    """Tasks/s of the threads pool against prefork with the same count, for tasks that wait
+    (sleep: no GIL held) 0, 20 and 200 ms; the ideal is slots / duration."""
+    c = Cluster(lab)
+    slots = _default_queue_processes(c)
+    rows = []
+    try:
+        for pool in ("prefork", "threads"):
+            overrides = {"CELERY_HA_WORKER_POOL": pool}
+            _set_overrides(c, overrides)
+            conf = cluster_publish_conf(c, overrides)
+            master = c.master_client(c.broker_db)
+            for seconds in POOL_TASK_SECONDS:
+                rates = []
+                for _ in range(runs):
+                    master.delete(FILL_QUEUE)
+                    publish_fill(conf, POOL_TASKS, task=PAUSE_TASK, args=[seconds])
+                    rates.append(drain_rate(master, c.default_queue, POOL_TASKS))
+                row = {
+                    "pool": pool,
+                    "task_s": seconds,
+                    "tasks_per_s": round(statistics.median(rates), 1),
+                    "ideal": round(slots / seconds, 1) if seconds else None,
+                }
+                say(f"{pool}, {seconds} s tasks: {row['tasks_per_s']} tasks/s")
+                rows.append(row)
+    finally:
+        _set_overrides(c, {})
+    return {"slots": slots, "tasks_per_run": POOL_TASKS, "rows": rows}
+
+
 def bench_connections(lab: Lab) -> dict[str, Any]:
     """Connections per client process on the master, a replica and a Sentinel, counted from
     the servers' side (CLIENT LIST) and matched to their owners on the client hosts."""
@@ -997,6 +1045,14 @@ def table(results: dict[str, Any]) -> str:
                     f"cluster {row['cluster_tasks_per_s']}, bare {row['bare_tasks_per_s']}",
                 )
             )
+    pools = results.get("pools")
+    if pools:
+        rows.append((f"pools: {pools['slots']} slots, {pools['tasks_per_run']} tasks", "tasks/s"))
+        for row in pools["rows"]:
+            ideal = f" (at most {row['ideal']})" if row["ideal"] else ""
+            rows.append(
+                (f"  {row['pool']}, tasks of {row['task_s']} s", f"{row['tasks_per_s']}{ideal}")
+            )
     f = results.get("failover", {})
     rows += [
         ("master host crashes in a row (failover)", f.get("crashes")),
@@ -1059,6 +1115,8 @@ def main() -> int:
             results["throughput"] = bench_throughput(lab, args.runs, args.tasks)
         if "costs" in args.only:
             results["costs"] = bench_costs(lab, args.runs, args.tasks, args.producers)
+        if "pools" in args.only:
+            results["pools"] = bench_pools(lab, args.runs)
         if "connections" in args.only:
             results["connections"] = bench_connections(lab)
         if "failover" in args.only:

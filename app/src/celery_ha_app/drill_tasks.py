@@ -66,3 +66,10 @@ def beat_tick(self: Task, run_id: str) -> str:
 def noop(*_payload: object) -> None:
     """Does nothing: throughput benchmarks measure the plumbing, not the work (the bench's
     payload rows pass it a payload to carry)."""
+
+
+@app.task(name="drills.pause")
+def pause(seconds: float) -> None:
+    """Waits, as a task waiting on I/O does: the bench's pool rows (threads against
+    processes) need tasks that take time without holding the GIL."""
+    time.sleep(seconds)
