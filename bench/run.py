@@ -806,7 +806,7 @@ def bench_pools(lab: Lab, runs: int) -> dict[str, Any]:
                 row = {
                     "pool": pool,
                     "task_s": seconds,
-                    "tasks_per_s": round(statistics.median(rates), 1),
+                    "tasks_per_s": median(rates),
                     "ideal": round(slots / seconds, 1) if seconds else None,
                 }
                 say(f"{pool}, {seconds} s tasks: {row['tasks_per_s']} tasks/s")
