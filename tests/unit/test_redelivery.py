@@ -252,9 +252,9 @@ def test_a_call_soon_from_another_thread_wakes_the_loop() -> None:
 
     hub = Hub()
     try:
-        read_end, _ = rd.wake_on_foreign_call_soon(hub)
+        read_end = rd.wake_on_foreign_call_soon(hub)
         hub.add_reader(read_end, rd._drain, read_end)
-        assert rd.wake_on_foreign_call_soon(hub)[0] == read_end  # once per hub
+        assert rd.wake_on_foreign_call_soon(hub) == read_end  # once per hub
         ran: list[str] = []
         hub.call_soon(ran.append, "from the loop's thread")
         assert not hub.poller.poll(0), "a call from the loop's own thread needs no wake-up"
