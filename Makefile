@@ -17,7 +17,7 @@ export ANSIBLE_FORCE_COLOR ?= 0
 export ANSIBLE_STRATEGY ?= mitogen_linear
 export ANSIBLE_STRATEGY_PLUGINS ?= $(CURDIR)/$(VENV)/mitogen-strategy
 
-.PHONY: help venv deps lint unit lab-up lab-down deploy idempotence check-mode infra e2e drills soak test demo bench clean
+.PHONY: help venv deps lint unit lab-test lab-up lab-down deploy idempotence check-mode infra e2e drills soak test demo bench clean
 
 # What the lab targets run; tests/suite.sh passes other values for its Debian 13 part.
 DEPLOY_ARGS ?=
@@ -69,6 +69,9 @@ lint: venv ## ansible-lint (production profile), yamllint, ruff, shellcheck
 unit: venv ## unit tests (no hosts needed)
 	@tests/install-deps.sh $(UNIT_DEPS)
 	$(BIN)/pytest -q tests/unit
+
+lab-test: venv ## the lab script itself, on a subnet of its own (a killed lab's leftovers)
+	$(BIN)/pytest -q tests/lab
 
 lab-up: deps ## raise the local lab of three hosts
 	$(LAB) up

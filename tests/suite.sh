@@ -64,6 +64,7 @@ lab_down() {
 
 if [[ " $SUITE_PARTS " == *" bookworm "* ]]; then
     export LAB_SUITE=bookworm
+    step "lab self-test"; run lab-test
     lab_up "Debian 12, ${LAB_NET:-10.88.0}.0/24"
     deploy_and_converge
     step "check mode";    run check-mode
