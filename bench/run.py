@@ -423,13 +423,10 @@ COST_VARIANTS: list[tuple[str, dict[str, str]]] = [
     ("acks_late off (loses a killed worker's tasks)", {"CELERY_HA_ACKS_LATE": "false"}),
     ("publishes not waiting for a replica", {"CELERY_HA_PUBLISH_WAIT_REPLICAS": "0"}),
     ("compression gzip", {"CELERY_HA_COMPRESSION": "gzip"}),
-    ("log level WARNING (no line per task)", {"CELERY_HA_LOG_LEVEL": "WARNING"}),
+    ("a line per task received and succeeded", {"CELERY_HA_LOG_EACH_TASK": "true"}),
+    ("log level WARNING", {"CELERY_HA_LOG_LEVEL": "WARNING"}),
     ("threads pool", {"CELERY_HA_WORKER_POOL": "threads"}),
     ("concurrency 4 per instance", {"CELERY_HA_WORKER_CONCURRENCY": "4"}),
-    (
-        "prefetch 4, log level WARNING",
-        {"CELERY_HA_PREFETCH_MULTIPLIER": "4", "CELERY_HA_LOG_LEVEL": "WARNING"},
-    ),
 ]
 # This machine runs some 30 % faster after a rest than under the sustained load of a table
 # (a quarter hour), more than most settings cost: the defaults run again after every

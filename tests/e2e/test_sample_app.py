@@ -49,6 +49,35 @@ def test_retrying_task_fails_once_retries_are_exhausted(sample_app: Celery) -> N
     assert f"planned failure {FLAKY_MAX_RETRIES + 1} of" in str(excinfo.value)
 
 
+def test_the_journal_keeps_failures_and_retries_but_no_line_per_task(
+    sample_app: Celery, lab: LabInventory
+) -> None:
+    """celery_log_each_task is off by default: no "received" or "succeeded" line per task (at a
+    few hundred tasks/s they pass journald's rate limit, which then drops errors too), while a
+    failing task's retries and its failure are in the journal of the worker that ran it."""
+    from celery_ha_app.tasks import FLAKY_MAX_RETRIES, add, flaky
+
+    done, failing = add.delay(19, 23), flaky.delay(FLAKY_MAX_RETRIES + 2)
+    assert done.get(timeout=RESULT_TIMEOUT) == 42
+    with pytest.raises(Exception, match="planned failure"):
+        failing.get(timeout=RESULT_TIMEOUT)
+    # The failure is logged right after its result is stored: give journald a moment.
+    deadline = time.monotonic() + 15
+    while True:
+        journals = "\n".join(
+            lab.lab_cmd("ssh", host, "journalctl --since=-10min -o cat --no-pager")
+            for host in lab.groups["celery_workers"]
+        )
+        failing_lines = [line for line in journals.splitlines() if failing.id in line]
+        if any("raised unexpected" in line for line in failing_lines):
+            break
+        assert time.monotonic() < deadline, f"no failure line for {failing.id}: {failing_lines}"
+        time.sleep(1)
+    assert done.id not in journals
+    assert any(" retry: " in line for line in failing_lines), failing_lines
+    assert not [line for line in failing_lines if "received" in line or "succeeded" in line]
+
+
 def test_time_limited_task_is_killed_at_its_limit(sample_app: Celery) -> None:
     from celery_ha_app.tasks import SLEEPY_TIME_LIMIT, sleepy
 

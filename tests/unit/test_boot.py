@@ -4,9 +4,11 @@ settings, and a wrong CELERY_HA_APP is reported by name."""
 from __future__ import annotations
 
 import itertools
+import logging
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import celery_ha_boot
@@ -150,3 +152,47 @@ def test_the_celery_cli_says_which_variable_is_wrong() -> None:
     result = celery_cli({**GOOD, "CELERY_HA_SENTINELS": "nope"}, "report")
     assert result.returncode != 0
     assert "celery-ha: configuration error: CELERY_HA_SENTINELS:" in result.stderr
+
+
+@pytest.fixture
+def task_loggers() -> Iterator[tuple[logging.Logger, logging.Logger]]:
+    """celery's strategy and tracer loggers, put back as they were afterwards."""
+    strategy, tracer = (
+        logging.getLogger("celery.worker.strategy"),
+        logging.getLogger("celery.app.trace"),
+    )
+    level, filters = strategy.level, list(tracer.filters)
+    yield strategy, tracer
+    strategy.setLevel(level)
+    tracer.filters[:] = filters
+
+
+def trace_record(fmt: str) -> logging.LogRecord:
+    return logging.LogRecord("celery.app.trace", logging.INFO, __file__, 1, fmt, None, None)
+
+
+def test_a_worker_logs_no_line_per_task_by_default(
+    task_loggers: tuple[logging.Logger, logging.Logger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.app import trace
+
+    strategy, tracer = task_loggers
+    monkeypatch.delenv("CELERY_HA_LOG_EACH_TASK", raising=False)
+    celery_ha_boot._skip_each_task_lines()
+    assert not strategy.isEnabledFor(logging.INFO)  # celery then skips the "received" line
+    assert not tracer.filter(trace_record(trace.LOG_SUCCESS))
+    for kept in (trace.LOG_RETRY, trace.LOG_FAILURE, trace.LOG_IGNORED):
+        assert tracer.filter(trace_record(kept))
+
+
+def test_celery_log_each_task_keeps_celerys_lines(
+    task_loggers: tuple[logging.Logger, logging.Logger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.app import trace
+
+    strategy, tracer = task_loggers
+    strategy.setLevel(logging.NOTSET)
+    monkeypatch.setenv("CELERY_HA_LOG_EACH_TASK", "true")
+    celery_ha_boot._skip_each_task_lines()
+    assert strategy.level == logging.NOTSET
+    assert tracer.filter(trace_record(trace.LOG_SUCCESS))

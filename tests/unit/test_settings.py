@@ -190,6 +190,7 @@ BAD = [
     ({"TASK_ROUTES": '{"a": 1}'}, "CELERY_HA_TASK_ROUTES", "queue"),
     ({"PUBLISH_RETRY_MAX_RETRIES": "-1"}, "CELERY_HA_PUBLISH_RETRY_MAX_RETRIES", ">= 0"),
     ({"LOG_LEVEL": "chatty"}, "CELERY_HA_LOG_LEVEL", "one of"),
+    ({"LOG_EACH_TASK": "sometimes"}, "CELERY_HA_LOG_EACH_TASK", "true or false"),
     ({"TASK_EVENTS": "maybe"}, "CELERY_HA_TASK_EVENTS", "true or false"),
     ({"IGNORE_RESULT": "2"}, "CELERY_HA_IGNORE_RESULT", "true or false"),
     ({"PREFETCH_MULTIPLIER": "0"}, "CELERY_HA_PREFETCH_MULTIPLIER", "between 1 and 1000"),

@@ -15,6 +15,7 @@ The app is named by CELERY_HA_APP, in the same syntax as ``celery -A`` (``pkg.mo
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ import celery_ha_failover
 import celery_ha_redelivery
 import celery_ha_settings
 from celery import Celery, signals
+from celery.app import trace
 from celery.app.utils import find_app
 from celery_ha_settings import SettingsError
 from redis import sentinel
@@ -85,6 +87,26 @@ def _connect_standby_beat(sender: object = None, **_: object) -> None:
 
 
 signals.beat_init.connect(_connect_standby_beat, weak=False)
+
+
+def _not_a_success_line(record: logging.LogRecord) -> bool:
+    return record.msg is not trace.LOG_SUCCESS
+
+
+def _skip_each_task_lines(sender: object = None, **_: object) -> None:
+    """Unless CELERY_HA_LOG_EACH_TASK is on, a worker logs no line per task received or
+    succeeded (celery_log_each_task in the celery role says why). Before the consumer starts:
+    celery's task strategy reads its logger's level once, when the consumer builds it, and
+    then skips even preparing the line. The tracer logs retries and ignored tasks at INFO on
+    the same logger as successes, so only the success line is filtered out there. Pool
+    processes are forked later and inherit both."""
+    if celery_ha_settings.log_each_task():
+        return
+    logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
+    logging.getLogger("celery.app.trace").addFilter(_not_a_success_line)
+
+
+signals.worker_init.connect(_skip_each_task_lines, weak=False)
 
 _PASSWORD_RE = re.compile(r"(password=)[^,)>\s]*")
 

@@ -489,6 +489,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     # again: enough tries, 0.5 s apart at most, to outlast a partition of a minute or more.
     result_retry_max_retries = env.integer("RESULT_RETRY_MAX_RETRIES", 120, minimum=0)
     log_level(environ)  # validated here too so a bad value fails the same way everywhere
+    log_each_task(environ)
 
     settings: dict[str, Any] = {
         "broker_url": sentinel_url(sentinels, broker_db, redis_username, redis_password),
@@ -601,6 +602,15 @@ def log_level(environ: Mapping[str, str] | None = None) -> str:
             PREFIX + "LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}"
         )
     return value
+
+
+def log_each_task(environ: Mapping[str, str] | None = None) -> bool:
+    """CELERY_HA_LOG_EACH_TASK: celery's "received" and "succeeded" lines (default off)."""
+    if environ is None:
+        import os
+
+        environ = os.environ
+    return _Env(environ).boolean("LOG_EACH_TASK", False)
 
 
 def worker_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
