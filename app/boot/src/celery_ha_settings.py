@@ -12,6 +12,7 @@ journal of a unit that refuses to start.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import ssl
@@ -57,8 +58,8 @@ def parse_bool(text: str) -> bool | None:
 class _Env:
     """Typed access to the CELERY_HA_* variables of one environment mapping."""
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
+    def __init__(self, environ: Mapping[str, str] | None) -> None:
+        self._environ = os.environ if environ is None else environ
 
     def raw(self, key: str) -> str | None:
         """The stripped value, or None when unset or empty (an empty line in the env file
@@ -342,7 +343,7 @@ class BrokerLink:
     tls: dict[str, Any]
 
 
-def broker_link(environ: Mapping[str, str]) -> BrokerLink:
+def broker_link(environ: Mapping[str, str] | None = None) -> BrokerLink:
     """The :class:`BrokerLink` of the CELERY_HA_* variables of ``environ``.
 
     Raises SettingsError naming the first variable that is missing or invalid.
@@ -399,10 +400,6 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
     Raises SettingsError naming the first variable that is missing or invalid.
     """
-    if environ is None:
-        import os
-
-        environ = os.environ
     env = _Env(environ)
     # sentinel:// in these settings means the failover-aware classes, in this process.
     import celery_ha_failover
@@ -592,10 +589,6 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 def log_level(environ: Mapping[str, str] | None = None) -> str:
     """CELERY_HA_LOG_LEVEL for the command lines (default INFO)."""
-    if environ is None:
-        import os
-
-        environ = os.environ
     value = (_Env(environ).string("LOG_LEVEL", "INFO") or "INFO").upper()
     if value not in LOG_LEVELS:
         raise SettingsError(
@@ -606,10 +599,6 @@ def log_level(environ: Mapping[str, str] | None = None) -> str:
 
 def log_each_task(environ: Mapping[str, str] | None = None) -> bool:
     """CELERY_HA_LOG_EACH_TASK: celery's "received" and "succeeded" lines (default off)."""
-    if environ is None:
-        import os
-
-        environ = os.environ
     return _Env(environ).boolean("LOG_EACH_TASK", False)
 
 
@@ -620,10 +609,6 @@ def worker_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     import (before click parses the worker's options), so that a bad value is reported by
     name instead of as a bare click usage error.
     """
-    if environ is None:
-        import os
-
-        environ = os.environ
     env = _Env(environ)
     queues_text = env.required("WORKER_QUEUES")
     # Comma-separated without spaces: the value goes verbatim into `--queues=` and celery
