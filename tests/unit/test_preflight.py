@@ -34,28 +34,27 @@ def inventory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def preflight(inventory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def refused(inventory: Path, *extra: str) -> tuple[str, str]:
+    """preflight.yml with ``extra`` arguments, which must fail: its output as printed, and
+    the same with every run of whitespace made one space (the messages are wrapped)."""
     env = {**os.environ, "ANSIBLE_STRATEGY": "linear", "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
-    return subprocess.run(
+    proc = subprocess.run(
         ["ansible-playbook", "-i", str(inventory), str(REPO / "ansible" / "preflight.yml"), *extra],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-
-
-def flat(proc: subprocess.CompletedProcess[str]) -> str:
-    return " ".join((proc.stdout + proc.stderr).split())  # messages are wrapped
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode != 0, printed[-3000:]
+    return printed, " ".join(printed.split())
 
 
 def test_every_cluster_problem_is_named_in_one_run(inventory: Path) -> None:
-    proc = preflight(
+    _, out = refused(
         inventory,
         "-e", "cluster_sentinel_port=6379",
         "-e", "cluster_celery_result_db=0",
         "-e", "cluster_redis_beat_user=default",
         "-e", "cluster_redis_admin_password=passwordPASSWORD123",
     )  # fmt: skip
-    out = flat(proc)
-    assert proc.returncode != 0, out[-3000:]
     assert "cluster_redis_port (6379) and cluster_sentinel_port (6379) must be different" in out
     assert "cluster_celery_broker_db (0) and cluster_celery_result_db (0) must be two" in out
     assert "cluster_redis_beat_user=default) must each be a plain name" in out
@@ -64,20 +63,18 @@ def test_every_cluster_problem_is_named_in_one_run(inventory: Path) -> None:
 
 
 def test_flower_problems_are_named_and_no_secret_is_shown(inventory: Path) -> None:
-    proc = preflight(
+    printed, out = refused(
         inventory,
         "-vvv",
         "-e", "flower_address=0.0.0.0",
         "-e", '{"flower_env_extra": {"FLOWER_X": "a$b"}}',
         "-e", "flower_basic_auth_password=short,pw",
     )  # fmt: skip
-    out = flat(proc)
-    assert proc.returncode != 0, out[-3000:]
     assert "flower_address=0.0.0.0 is not a loopback address" in out
     assert "flower_env_extra keys must look like FLOWER_<NAME>" in out
     assert "flower_basic_auth_password needs at least" in out
     secrets = inventory.parent / "secrets"
     for secret in [*secrets.iterdir(), *secrets.glob("tls/*.key")]:
         if secret.is_file():
-            assert secret.read_text().strip() not in proc.stdout + proc.stderr, secret.name
+            assert secret.read_text().strip() not in printed, secret.name
     assert "short,pw" not in out
