@@ -7,6 +7,8 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -111,6 +113,38 @@ def test_discovery_does_not_wait_for_a_dead_first_sentinel() -> None:
     assert fast_sentinel([dead, *alive]).discover_master("celery") == ("10.0.0.12", 6379)
     # The majority answered at once; the dead Sentinel's 0.4 s were not waited for.
     assert time.monotonic() - started < 0.3
+
+
+def test_discovery_as_the_interpreter_exits_returns() -> None:
+    # celery's AsyncResult unsubscribes from its result in __del__, also as an app process
+    # exits; after a Redis restart cut that link, the unsubscribe asks the Sentinels. A thread
+    # started then never runs, and Python 3.11 waited for it forever: the remote producer of
+    # failover drill 3 never exited (CI, 2026-12-07).
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    script = textwrap.dedent(f"""
+        import celery_ha_failover
+
+        sentinel = celery_ha_failover.FastSentinel(
+            [("127.0.0.1", {port})],
+            sentinel_kwargs={{"socket_connect_timeout": 0.5, "socket_timeout": 0.5}},
+        )
+
+        class CollectedAtExit:
+            def __del__(self):
+                try:
+                    sentinel.discover_master("celery")
+                except Exception as exc:
+                    print("discovery ended:", type(exc).__name__, flush=True)
+
+        left_for_the_exit = CollectedAtExit()
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout.strip() == "discovery ended: MasterNotFoundError", done.stderr
 
 
 def test_a_switch_announced_during_discovery_ends_the_wait_for_a_dead_sentinel(

@@ -57,6 +57,7 @@ import os
 import queue
 import socket
 import ssl
+import sys
 import threading
 import time
 import types
@@ -360,11 +361,19 @@ class FastSentinel(Sentinel):
         def ask(client: redis.Redis) -> None:
             try:
                 replies.put((client, client.sentinel_masters()))
-            except redis.exceptions.RedisError as exc:
+            except Exception as exc:  # whatever it is, it is this Sentinel's answer
                 replies.put((client, exc))
 
-        for client in self.sentinels:
-            threading.Thread(target=ask, args=(client,), daemon=True).start()
+        if sys.is_finalizing():
+            # An object collected as the interpreter exits may still reconnect (celery's
+            # AsyncResult unsubscribes from its result in __del__, on a link that a Redis
+            # restart has cut): no thread starts any more, and Python 3.11's Thread.start()
+            # then waits for it forever, so the process never exits. Ask in turn instead.
+            for client in self.sentinels:
+                ask(client)
+        else:
+            for client in self.sentinels:
+                threading.Thread(target=ask, args=(client,), daemon=True).start()
         majority = len(self.sentinels) // 2 + 1
         answers: list[dict[str, Any]] = []
         errors: list[str] = []
