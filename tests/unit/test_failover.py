@@ -115,6 +115,55 @@ def test_discovery_does_not_wait_for_a_dead_first_sentinel() -> None:
     assert time.monotonic() - started < 0.3
 
 
+def test_discovery_inside_a_lock_that_a_finalizer_waits_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # celery's AsyncResult.__del__ unsubscribes, so a garbage collection in any thread may
+    # wait for the pub/sub lock, which a subscribe that reconnects holds while it discovers
+    # the master. In failover drill 3 the collection ran in a new asker thread before it
+    # counted as started (under Thread._set_tstate_lock), and Thread.start() waited for it
+    # forever. Here the first new thread to run Python code runs that finalizer.
+    pubsub_lock = threading.Lock()
+    caller: list[int] = []  # set once the caller holds the lock
+    finalized_in: list[int] = []
+
+    def finalizer() -> None:
+        me = threading.get_ident()
+        if caller and not finalized_in and me != caller[0]:
+            finalized_in.append(me)
+            with pubsub_lock:
+                pass
+
+    set_tstate_lock = threading.Thread._set_tstate_lock  # type: ignore[attr-defined]
+
+    def collecting_set_tstate_lock(self: threading.Thread) -> None:
+        finalizer()
+        set_tstate_lock(self)
+
+    monkeypatch.setattr(threading.Thread, "_set_tstate_lock", collecting_set_tstate_lock)
+
+    class CollectingClient(FakeSentinelClient):
+        def sentinel_masters(self) -> Any:
+            finalizer()
+            return super().sentinel_masters()
+
+    manager = fast_sentinel([CollectingClient(h, {"celery": state("10.0.0.12", 2)}) for h in "abc"])
+    found: list[tuple[str, int]] = []
+
+    def subscribe_that_reconnects() -> None:
+        with pubsub_lock:
+            caller.append(threading.get_ident())
+            found.append(manager.discover_master("celery"))
+
+    subscriber = threading.Thread(target=subscribe_that_reconnects, daemon=True)
+    subscriber.start()
+    subscriber.join(5)
+    assert not subscriber.is_alive(), "discovery deadlocked with a finalizer"
+    assert finalized_in, "no finalizer ran in an asker thread: the test proves nothing"
+    # The other two Sentinels are a majority: the delayed asker is not waited for.
+    assert found == [("10.0.0.12", 6379)]
+
+
 def test_discovery_as_the_interpreter_exits_returns() -> None:
     # celery's AsyncResult unsubscribes from its result in __del__, also as an app process
     # exits; after a Redis restart cut that link, the unsubscribe asks the Sentinels. A thread

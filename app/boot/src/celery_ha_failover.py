@@ -50,6 +50,7 @@ way to pass another class, hence the copy of its pool factory below.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import hashlib
 import logging
@@ -364,16 +365,20 @@ class FastSentinel(Sentinel):
             except Exception as exc:  # whatever it is, it is this Sentinel's answer
                 replies.put((client, exc))
 
+        # celery's AsyncResult unsubscribes from its result in __del__, so any garbage
+        # collection may do pub/sub I/O (celery/celery#10477), and a discovery may run inside
+        # the pub/sub lock (a subscribe reconnecting after a Redis restart). threading's
+        # Thread.start() waits until the new thread runs, and that thread may first collect
+        # garbage and wait for that very lock: the deadlock that froze a producer in failover
+        # drill 3. _thread's start does not wait; a delayed asker is a straggler at worst.
         if sys.is_finalizing():
-            # An object collected as the interpreter exits may still reconnect (celery's
-            # AsyncResult unsubscribes from its result in __del__, on a link that a Redis
-            # restart has cut): no thread starts any more, and Python 3.11's Thread.start()
-            # then waits for it forever, so the process never exits. Ask in turn instead.
+            # No thread starts any more (Python 3.11's Thread.start() waited forever for one,
+            # and the process never exited): ask in turn.
             for client in self.sentinels:
                 ask(client)
         else:
             for client in self.sentinels:
-                threading.Thread(target=ask, args=(client,), daemon=True).start()
+                _thread.start_new_thread(ask, (client,))
         majority = len(self.sentinels) // 2 + 1
         answers: list[dict[str, Any]] = []
         errors: list[str] = []
