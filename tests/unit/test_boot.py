@@ -196,3 +196,44 @@ def test_celery_log_each_task_keeps_celerys_lines(
     celery_ha_boot._skip_each_task_lines()
     assert strategy.level == logging.NOTSET
     assert tracer.filter(trace_record(trace.LOG_SUCCESS))
+
+
+class FakeProcess:
+    def __init__(self, inqueue_fd: int, alive: bool = True) -> None:
+        self.inqW_fd, self.alive = inqueue_fd, alive
+
+    def _is_alive(self) -> bool:
+        return self.alive
+
+
+def test_a_lost_broker_connection_leaves_the_processes_running_a_task_busy() -> None:
+    # celery's own AsynPool.flush, as Consumer.on_close calls it at every lost connection,
+    # on a pool whose process 11 runs a long task, 12 was written a job it has not taken
+    # yet and 13 died running one.
+    from collections import deque
+    from types import SimpleNamespace
+
+    from celery.concurrency import asynpool
+
+    running, written, dead = FakeProcess(11), FakeProcess(12), FakeProcess(13, alive=False)
+    cache: dict[int, SimpleNamespace] = {}
+    for number, (process, accepted) in enumerate(((running, True), (written, False), (dead, True))):
+        cache[number] = SimpleNamespace(
+            _accepted=accepted,
+            _write_to=process,
+            _scheduled_for=process,
+            discard=lambda number=number: cache.pop(number),
+        )
+    pool = SimpleNamespace(
+        _state=asynpool.RUN,
+        _cache=cache,
+        synack=False,
+        outbound_buffer=deque(),
+        maintain_pool=lambda: None,
+        _active_writers=set(),
+        _active_writes=set(),
+        _busy_workers={11, 12, 13},
+    )
+    asynpool.AsynPool.flush(pool)  # type: ignore[arg-type]
+    # Only 11 still runs a task: the fair scheduler must not hand it the next one.
+    assert pool._busy_workers == {11}

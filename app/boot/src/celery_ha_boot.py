@@ -20,6 +20,7 @@ import os
 import re
 import sys
 
+import celery
 import celery_ha_failover
 import celery_ha_redelivery
 import celery_ha_settings
@@ -133,6 +134,41 @@ def _hide_passwords_in_sentinel_errors() -> None:
 
 
 _hide_passwords_in_sentinel_errors()
+
+
+def _keep_running_processes_busy_across_reconnects() -> None:
+    """celery 5.6's prefork pool forgets, at every lost broker connection, which of its
+    processes run a task (``AsynPool.flush`` clears ``_busy_workers``). Its fair scheduler then
+    hands the next task to a process still busy with a long one, where it waits for that task
+    to end while another process idles; with the prefetch celery cuts after a reconnect, the
+    worker fetches nothing else meanwhile. Failover drill 12.4 saw no periodic run for 91 s
+    after a master crash. celery 5.7 keeps the running processes marked busy
+    (celery/celery#10346); this is that fix for the pinned 5.6."""
+    if celery.VERSION >= (5, 7):
+        return
+    from celery.concurrency import asynpool
+
+    original = asynpool.AsynPool.flush
+    if getattr(original, "_celery_ha_keeps_busy", False):
+        return
+
+    def flush(self: asynpool.AsynPool) -> None:
+        busy = set(self._busy_workers)
+        try:
+            original(self)
+        finally:
+            running = set()
+            for job in self._cache.values():
+                process = job._write_to or job._scheduled_for
+                if job._accepted and process is not None and process._is_alive():
+                    running.add(process.inqW_fd)
+            self._busy_workers.update(busy & running)
+
+    flush._celery_ha_keeps_busy = True  # type: ignore[attr-defined]
+    asynpool.AsynPool.flush = flush  # type: ignore[method-assign]
+
+
+_keep_running_processes_busy_across_reconnects()
 
 _app: Celery | None = None
 
