@@ -23,15 +23,26 @@ from support.ledger import wait_until
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-check-rdb"
 
 
+def unused_port() -> int:
+    """A loopback port nobody listens on (until someone binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nobody listens on: connection refused."""
+    return unused_port()
+
+
 @contextlib.contextmanager
 def redis_server(workdir: Path, *args: str) -> Iterator[str]:
     """A Redis server of its own on loopback, in ``workdir``, with ``args`` as its settings;
     yields its URL. make unit installs redis-tools."""
     if not Path(REDIS_SERVER).exists():
         pytest.fail(f"no Redis server at {REDIS_SERVER}: make unit installs redis-tools")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = unused_port()
     command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
     server = subprocess.Popen([*command, "--save", "", *args], executable=REDIS_SERVER,
                               stdout=subprocess.DEVNULL)  # fmt: skip

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import socket
 import socketserver
 import ssl
 import threading
@@ -112,14 +111,6 @@ def serve() -> Iterator[Callable[..., FakeServer]]:
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port nobody listens on: connection refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

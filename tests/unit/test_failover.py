@@ -164,20 +164,16 @@ def test_discovery_inside_a_lock_that_a_finalizer_waits_for(
     assert found == [("10.0.0.12", 6379)]
 
 
-def test_discovery_as_the_interpreter_exits_returns() -> None:
+def test_discovery_as_the_interpreter_exits_returns(closed_port: int) -> None:
     # celery's AsyncResult unsubscribes from its result in __del__, also as an app process
     # exits; after a Redis restart cut that link, the unsubscribe asks the Sentinels. A thread
     # started then never runs, and Python 3.11 waited for it forever: the remote producer of
     # failover drill 3 never exited (CI, 2026-12-07).
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
     script = textwrap.dedent(f"""
         import celery_ha_failover
 
         sentinel = celery_ha_failover.FastSentinel(
-            [("127.0.0.1", {port})],
+            [("127.0.0.1", {closed_port})],
             sentinel_kwargs={{"socket_connect_timeout": 0.5, "socket_timeout": 0.5}},
         )
 
