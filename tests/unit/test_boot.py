@@ -234,6 +234,7 @@ def test_a_lost_broker_connection_leaves_the_processes_running_a_task_busy() -> 
         _active_writes=set(),
         _busy_workers={11, 12, 13},
     )
+    celery_ha_boot._keep_running_processes_busy_across_reconnects()  # as at worker_init
     asynpool.AsynPool.flush(pool)  # type: ignore[arg-type]
     # Only 11 still runs a task: the fair scheduler must not hand it the next one.
     assert pool._busy_workers == {11}

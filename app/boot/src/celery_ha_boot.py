@@ -136,14 +136,15 @@ def _hide_passwords_in_sentinel_errors() -> None:
 _hide_passwords_in_sentinel_errors()
 
 
-def _keep_running_processes_busy_across_reconnects() -> None:
+def _keep_running_processes_busy_across_reconnects(sender: object = None, **_: object) -> None:
     """celery 5.6's prefork pool forgets, at every lost broker connection, which of its
     processes run a task (``AsynPool.flush`` clears ``_busy_workers``). Its fair scheduler then
     hands the next task to a process still busy with a long one, where it waits for that task
     to end while another process idles; with the prefetch celery cuts after a reconnect, the
     worker fetches nothing else meanwhile. Failover drill 12.4 saw no periodic run for 91 s
     after a master crash. celery 5.7 keeps the running processes marked busy
-    (celery/celery#10346); this is that fix for the pinned 5.6."""
+    (celery/celery#10346); this is that fix for the pinned 5.6. At worker_init: only a
+    worker's main process has a pool, and beat, Flower and the CLI need not import it."""
     if celery.VERSION >= (5, 7):
         return
     from celery.concurrency import asynpool
@@ -168,7 +169,7 @@ def _keep_running_processes_busy_across_reconnects() -> None:
     asynpool.AsynPool.flush = flush  # type: ignore[method-assign]
 
 
-_keep_running_processes_busy_across_reconnects()
+signals.worker_init.connect(_keep_running_processes_busy_across_reconnects, weak=False)
 
 _app: Celery | None = None
 
