@@ -206,7 +206,9 @@ class FakeProcess:
         return self.alive
 
 
-def test_a_lost_broker_connection_leaves_the_processes_running_a_task_busy() -> None:
+def test_a_lost_broker_connection_leaves_the_processes_running_a_task_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # celery's own AsynPool.flush, as Consumer.on_close calls it at every lost connection,
     # on a pool whose process 11 runs a long task, 12 was written a job it has not taken
     # yet and 13 died running one.
@@ -234,6 +236,8 @@ def test_a_lost_broker_connection_leaves_the_processes_running_a_task_busy() -> 
         _active_writes=set(),
         _busy_workers={11, 12, 13},
     )
+    # Celery's own flush comes back after the test: the patch below is process-wide.
+    monkeypatch.setattr(asynpool.AsynPool, "flush", asynpool.AsynPool.flush)
     celery_ha_boot._keep_running_processes_busy_across_reconnects()  # as at worker_init
     asynpool.AsynPool.flush(pool)  # type: ignore[arg-type]
     # Only 11 still runs a task: the fair scheduler must not hand it the next one.
