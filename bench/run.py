@@ -7,6 +7,11 @@ side by side in the same invocation on the same lab:
   bringup   lab up from the cached base, and from nothing (base cache removed; skip with
             --skip-from-nothing); destroys and recreates the lab at LAB_DIR
   deploy    cold site.yml on fresh lab hosts, then a re-run (must report changed=0)
+  rerun     re-runs of site.yml on the converged lab (changed=0), their task starts and
+            host-task results, against Ansible's own floor on this controller: playbooks of
+            trivial tasks (a stat) on one host and on the three Redis hosts give what a task
+            start and a host-task cost with nothing of ours in them, and so the least any
+            playbook with the re-run's task starts could take here
   throughput  no-op tasks/s through the deployed cluster (production settings) vs a bare
             `celery worker` with default settings on a throwaway plain Redis on one lab host,
             vs that Redis' ceiling (redis-benchmark LPUSH/RPOP); plus the ratios
@@ -48,6 +53,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +75,7 @@ from support.ledger import NOOP_TASK, longest_gap, wait_until
 REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "bench-results"
-SECTIONS = ("bringup", "deploy", "throughput", "costs", "pools", "connections", "failover")
+SECTIONS = ("bringup", "deploy", "rerun", "throughput", "costs", "pools", "connections", "failover")
 BARE_PORT = 6390
 FILL_QUEUE = "bench-fill"
 
@@ -134,8 +140,7 @@ def playbook_cmd(lab: Lab) -> list[str]:
 
 
 def bench_deploy(lab: Lab, runs: int) -> dict[str, Any]:
-    env = dict(lab.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env = deploy_env(lab)
     cold: list[float] = []
     rerun: list[float] = []
     changed: list[int] = []
@@ -162,6 +167,75 @@ def bench_deploy(lab: Lab, runs: int) -> dict[str, Any]:
         "rerun_site_yml_s": median(rerun),
         "rerun_changed": changed,
         "runs": {"cold": cold, "rerun": rerun},
+    }
+
+
+def deploy_env(lab: Lab) -> dict[str, str]:
+    env = dict(lab.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def trivial_task_s(lab: Lab, env: dict[str, str], hosts: list[str], tasks: int = 60) -> float:
+    """What one trivial task (a stat) costs on `hosts`: Ansible's own cost, nothing of ours.
+
+    A 1-task playbook holds the start-up and the first contact with the hosts; the
+    difference to a (tasks + 1)-task playbook is `tasks` tasks."""
+    bindir = Path(sys.executable).parent
+    took: list[float] = []
+    for n in (1, tasks + 1):
+        task = "    - ansible.builtin.stat:\n        path: /etc/hostname\n"
+        play = f"- hosts: {','.join(hosts)}\n  gather_facts: false\n  tasks:\n" + task * n
+        with tempfile.NamedTemporaryFile("w", suffix=".yml", dir=RESULTS) as f:
+            f.write(play)
+            f.flush()
+            cmd = [str(bindir / "ansible-playbook"), "-i", str(lab.inventory), f.name]
+            seconds, out, rc = timed(cmd, env)
+        if rc != 0:
+            raise RuntimeError(f"trivial playbook failed:\n{out[-2000:]}")
+        took.append(seconds)
+    return (took[1] - took[0]) / tasks
+
+
+def bench_rerun(lab: Lab, runs: int) -> dict[str, Any]:
+    env = deploy_env(lab)
+    RESULTS.mkdir(exist_ok=True)
+    rerun: list[float] = []
+    changed: list[int] = []
+    task_starts = host_tasks = 0
+    for i in range(runs):
+        took, out, rc = timed(playbook_cmd(lab), env)
+        if rc != 0:
+            raise RuntimeError(f"site.yml re-run failed:\n{out[-3000:]}")
+        recap = parse_recap(out)
+        changed.append(sum(r.get("changed", 0) for r in recap.values()))
+        # Every task and handler start prints one header; every host's result is counted
+        # in the recap as ok or skipped.
+        task_starts = len(re.findall(r"^(?:TASK|RUNNING HANDLER) \[", out, re.M))
+        host_tasks = sum(r.get("ok", 0) + r.get("skipped", 0) for r in recap.values())
+        rerun.append(took)
+        say(f"re-run {i + 1}: {took:.1f} s changed={changed[-1]} ({task_starts} task starts)")
+    redis_hosts = lab.group("redis")
+    one: list[float] = []
+    three: list[float] = []
+    for i in range(runs):
+        one.append(trivial_task_s(lab, env, redis_hosts[:1]))
+        three.append(trivial_task_s(lab, env, redis_hosts))
+        say(f"floor {i + 1}: a trivial task {one[-1]:.3f} s on 1 host, {three[-1]:.3f} s on 3")
+    per_task_1, per_task_3 = statistics.median(one), statistics.median(three)
+    # task cost = start + hosts * per-host: solved from the 1-host and the 3-host figures.
+    per_host = (per_task_3 - per_task_1) / 2
+    per_start = per_task_1 - per_host
+    return {
+        "ansible_strategy": env.get("ANSIBLE_STRATEGY", "linear"),
+        "rerun_site_yml_s": median(rerun),
+        "rerun_changed": changed,
+        "task_starts": task_starts,
+        "host_task_results": host_tasks,
+        "trivial_task_1_host_s": round(per_task_1, 4),
+        "trivial_task_3_hosts_s": round(per_task_3, 4),
+        "floor_for_rerun_s": round(per_start * task_starts + per_host * host_tasks, 1),
+        "runs": {"rerun": rerun, "trivial_1_host": one, "trivial_3_hosts": three},
     }
 
 
@@ -983,6 +1057,15 @@ def table(results: dict[str, Any]) -> str:
         ("site.yml re-run (s)", d.get("rerun_site_yml_s")),
         ("re-run changed (per run)", d.get("rerun_changed")),
     ]
+    r = results.get("rerun", {})
+    rows += [
+        ("converged re-run of site.yml (s)", r.get("rerun_site_yml_s")),
+        ("  its task starts", r.get("task_starts")),
+        ("  its host-task results (ok + skipped)", r.get("host_task_results")),
+        ("  a trivial task (stat) on 1 host (s)", r.get("trivial_task_1_host_s")),
+        ("  a trivial task (stat) on 3 hosts (s)", r.get("trivial_task_3_hosts_s")),
+        ("  Ansible's floor for as many trivial tasks (s)", r.get("floor_for_rerun_s")),
+    ]
     t = results.get("throughput", {})
     rows += [
         ("cluster no-op tasks/s (production settings)", t.get("cluster_tasks_per_s")),
@@ -1108,6 +1191,8 @@ def main() -> int:
             raised = True
         if not lab.exists():
             raise SystemExit(f"no lab at {lab.lab_dir}: run with bringup/deploy or deploy one")
+        if "rerun" in args.only:
+            results["rerun"] = bench_rerun(lab, args.runs)
         if "throughput" in args.only:
             results["throughput"] = bench_throughput(lab, args.runs, args.tasks)
         if "costs" in args.only:
