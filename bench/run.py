@@ -8,10 +8,11 @@ side by side in the same invocation on the same lab:
             --skip-from-nothing); destroys and recreates the lab at LAB_DIR
   deploy    cold site.yml on fresh lab hosts, then a re-run (must report changed=0)
   rerun     re-runs of site.yml on the converged lab (changed=0), their task starts and
-            host-task results, against Ansible's own floor on this controller: playbooks of
-            trivial tasks (a stat) on one host and on the three Redis hosts give what a task
-            start and a host-task cost with nothing of ours in them, and so the least any
-            playbook with the re-run's task starts could take here
+            host results (ok, skipped), against Ansible's own floor on this controller:
+            playbooks of trivial tasks (a stat) on one host and on the three Redis hosts, and
+            skipped ones on the three, give what a task start and a host's result cost with
+            nothing of ours in them, and so the least any playbook with the re-run's counts
+            could take here
   throughput  no-op tasks/s through the deployed cluster (production settings) vs a bare
             `celery worker` with default settings on a throwaway plain Redis on one lab host,
             vs that Redis' ceiling (redis-benchmark LPUSH/RPOP); plus the ratios
@@ -176,16 +177,20 @@ def deploy_env(lab: Lab) -> dict[str, str]:
     return env
 
 
-def trivial_task_s(lab: Lab, env: dict[str, str], hosts: list[str], tasks: int = 60) -> float:
-    """What one trivial task (a stat) costs on `hosts`: Ansible's own cost, nothing of ours.
+def trivial_task_s(
+    lab: Lab, env: dict[str, str], hosts: list[str], skipped: bool = False, tasks: int = 60
+) -> float:
+    """What one trivial task (a stat; or one skipped by `when: false`) costs on `hosts`:
+    Ansible's own cost, nothing of ours.
 
-    A 1-task playbook holds the start-up and the first contact with the hosts; the
-    difference to a (tasks + 1)-task playbook is `tasks` tasks."""
+    A playbook of one stat holds the start-up and the first contact with the hosts; the
+    difference to one with `tasks` more is `tasks` tasks."""
     bindir = Path(sys.executable).parent
+    stat = "    - ansible.builtin.stat:\n        path: /etc/hostname\n"
+    task = stat + ("      when: false\n" if skipped else "")
     took: list[float] = []
-    for n in (1, tasks + 1):
-        task = "    - ansible.builtin.stat:\n        path: /etc/hostname\n"
-        play = f"- hosts: {','.join(hosts)}\n  gather_facts: false\n  tasks:\n" + task * n
+    for n in (0, tasks):
+        play = f"- hosts: {','.join(hosts)}\n  gather_facts: false\n  tasks:\n" + stat + task * n
         with tempfile.NamedTemporaryFile("w", suffix=".yml", dir=RESULTS) as f:
             f.write(play)
             f.flush()
@@ -202,7 +207,7 @@ def bench_rerun(lab: Lab, runs: int) -> dict[str, Any]:
     RESULTS.mkdir(exist_ok=True)
     rerun: list[float] = []
     changed: list[int] = []
-    task_starts = host_tasks = 0
+    task_starts = ran = skipped = 0
     for i in range(runs):
         took, out, rc = timed(playbook_cmd(lab), env)
         if rc != 0:
@@ -212,30 +217,46 @@ def bench_rerun(lab: Lab, runs: int) -> dict[str, Any]:
         # Every task and handler start prints one header; every host's result is counted
         # in the recap as ok or skipped.
         task_starts = len(re.findall(r"^(?:TASK|RUNNING HANDLER) \[", out, re.M))
-        host_tasks = sum(r.get("ok", 0) + r.get("skipped", 0) for r in recap.values())
+        ran = sum(r.get("ok", 0) for r in recap.values())
+        skipped = sum(r.get("skipped", 0) for r in recap.values())
         rerun.append(took)
         say(f"re-run {i + 1}: {took:.1f} s changed={changed[-1]} ({task_starts} task starts)")
     redis_hosts = lab.group("redis")
     one: list[float] = []
     three: list[float] = []
+    three_skipped: list[float] = []
     for i in range(runs):
         one.append(trivial_task_s(lab, env, redis_hosts[:1]))
         three.append(trivial_task_s(lab, env, redis_hosts))
-        say(f"floor {i + 1}: a trivial task {one[-1]:.3f} s on 1 host, {three[-1]:.3f} s on 3")
+        three_skipped.append(trivial_task_s(lab, env, redis_hosts, skipped=True))
+        say(
+            f"floor {i + 1}: a trivial task {one[-1]:.3f} s on 1 host, {three[-1]:.3f} s on 3, "
+            f"{three_skipped[-1]:.3f} s skipped on 3"
+        )
     per_task_1, per_task_3 = statistics.median(one), statistics.median(three)
-    # task cost = start + hosts * per-host: solved from the 1-host and the 3-host figures.
-    per_host = (per_task_3 - per_task_1) / 2
-    per_start = per_task_1 - per_host
+    # A task costs its start plus each host's result: solved from the 1- and 3-host figures.
+    per_ran = (per_task_3 - per_task_1) / 2
+    per_start = per_task_1 - per_ran
+    per_skipped = (statistics.median(three_skipped) - per_start) / 3
     return {
         "ansible_strategy": env.get("ANSIBLE_STRATEGY", "linear"),
         "rerun_site_yml_s": median(rerun),
         "rerun_changed": changed,
         "task_starts": task_starts,
-        "host_task_results": host_tasks,
-        "trivial_task_1_host_s": round(per_task_1, 4),
-        "trivial_task_3_hosts_s": round(per_task_3, 4),
-        "floor_for_rerun_s": round(per_start * task_starts + per_host * host_tasks, 1),
-        "runs": {"rerun": rerun, "trivial_1_host": one, "trivial_3_hosts": three},
+        "host_results_ok": ran,
+        "host_results_skipped": skipped,
+        "trivial_task_start_s": round(per_start, 4),
+        "trivial_host_result_s": round(per_ran, 4),
+        "trivial_host_skipped_s": round(per_skipped, 4),
+        "floor_for_rerun_s": round(
+            per_start * task_starts + per_ran * ran + per_skipped * skipped, 1
+        ),
+        "runs": {
+            "rerun": rerun,
+            "trivial_1_host": one,
+            "trivial_3_hosts": three,
+            "trivial_3_hosts_skipped": three_skipped,
+        },
     }
 
 
@@ -1061,10 +1082,14 @@ def table(results: dict[str, Any]) -> str:
     rows += [
         ("converged re-run of site.yml (s)", r.get("rerun_site_yml_s")),
         ("  its task starts", r.get("task_starts")),
-        ("  its host-task results (ok + skipped)", r.get("host_task_results")),
-        ("  a trivial task (stat) on 1 host (s)", r.get("trivial_task_1_host_s")),
-        ("  a trivial task (stat) on 3 hosts (s)", r.get("trivial_task_3_hosts_s")),
-        ("  Ansible's floor for as many trivial tasks (s)", r.get("floor_for_rerun_s")),
+        (
+            "  its host results, ok / skipped",
+            r.get("task_starts") and f"{r['host_results_ok']} / {r['host_results_skipped']}",
+        ),
+        ("  Ansible's own cost: a task start (s)", r.get("trivial_task_start_s")),
+        ("  Ansible's own cost: a host result, ok (s)", r.get("trivial_host_result_s")),
+        ("  Ansible's own cost: a host result, skipped (s)", r.get("trivial_host_skipped_s")),
+        ("  Ansible's floor for those counts (s)", r.get("floor_for_rerun_s")),
     ]
     t = results.get("throughput", {})
     rows += [
