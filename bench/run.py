@@ -62,7 +62,7 @@ from typing import Any
 
 import celery_ha_settings
 import redis
-from support.cluster import Cluster, Lab, parse_recap
+from support.cluster import Cluster, Lab, parse_recap, recap_total
 from support.drillkit import (
     Load,
     earliest_switch,
@@ -130,18 +130,13 @@ def bench_bringup(lab: Lab, runs: int, from_nothing: bool) -> dict[str, Any]:
     }
 
 
-def playbook_cmd(lab: Lab) -> list[str]:
+def playbook_cmd(lab: Lab, playbook: Path = REPO / "ansible" / "site.yml") -> list[str]:
     bindir = Path(sys.executable).parent
-    return [
-        str(bindir / "ansible-playbook"),
-        "-i",
-        str(lab.inventory),
-        str(REPO / "ansible" / "site.yml"),
-    ]
+    return [str(bindir / "ansible-playbook"), "-i", str(lab.inventory), str(playbook)]
 
 
 def bench_deploy(lab: Lab, runs: int) -> dict[str, Any]:
-    env = deploy_env(lab)
+    env = lab.playbook_env()
     cold: list[float] = []
     rerun: list[float] = []
     changed: list[int] = []
@@ -157,7 +152,7 @@ def bench_deploy(lab: Lab, runs: int) -> dict[str, Any]:
         if rc2 != 0:
             raise RuntimeError(f"site.yml re-run failed:\n{out2[-3000:]}")
         recap = parse_recap(out2)
-        n_changed = sum(r.get("changed", 0) for r in recap.values())
+        n_changed = recap_total(recap, "changed")
         rerun.append(took2)
         changed.append(n_changed)
         say(f"run {i + 1}: cold site.yml {took:.1f} s; re-run {took2:.1f} s changed={n_changed}")
@@ -171,12 +166,6 @@ def bench_deploy(lab: Lab, runs: int) -> dict[str, Any]:
     }
 
 
-def deploy_env(lab: Lab) -> dict[str, str]:
-    env = dict(lab.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    return env
-
-
 def trivial_task_s(
     lab: Lab, env: dict[str, str], hosts: list[str], skipped: bool = False, tasks: int = 60
 ) -> float:
@@ -185,7 +174,6 @@ def trivial_task_s(
 
     A playbook of one stat holds the start-up and the first contact with the hosts; the
     difference to one with `tasks` more is `tasks` tasks."""
-    bindir = Path(sys.executable).parent
     stat = "    - ansible.builtin.stat:\n        path: /etc/hostname\n"
     task = stat + ("      when: false\n" if skipped else "")
     took: list[float] = []
@@ -194,8 +182,7 @@ def trivial_task_s(
         with tempfile.NamedTemporaryFile("w", suffix=".yml", dir=RESULTS) as f:
             f.write(play)
             f.flush()
-            cmd = [str(bindir / "ansible-playbook"), "-i", str(lab.inventory), f.name]
-            seconds, out, rc = timed(cmd, env)
+            seconds, out, rc = timed(playbook_cmd(lab, Path(f.name)), env)
         if rc != 0:
             raise RuntimeError(f"trivial playbook failed:\n{out[-2000:]}")
         took.append(seconds)
@@ -203,7 +190,7 @@ def trivial_task_s(
 
 
 def bench_rerun(lab: Lab, runs: int) -> dict[str, Any]:
-    env = deploy_env(lab)
+    env = lab.playbook_env()
     RESULTS.mkdir(exist_ok=True)
     rerun: list[float] = []
     changed: list[int] = []
@@ -213,12 +200,12 @@ def bench_rerun(lab: Lab, runs: int) -> dict[str, Any]:
         if rc != 0:
             raise RuntimeError(f"site.yml re-run failed:\n{out[-3000:]}")
         recap = parse_recap(out)
-        changed.append(sum(r.get("changed", 0) for r in recap.values()))
+        changed.append(recap_total(recap, "changed"))
         # Every task and handler start prints one header; every host's result is counted
         # in the recap as ok or skipped.
         task_starts = len(re.findall(r"^(?:TASK|RUNNING HANDLER) \[", out, re.M))
-        ran = sum(r.get("ok", 0) for r in recap.values())
-        skipped = sum(r.get("skipped", 0) for r in recap.values())
+        ran = recap_total(recap, "ok")
+        skipped = recap_total(recap, "skipped")
         rerun.append(took)
         say(f"re-run {i + 1}: {took:.1f} s changed={changed[-1]} ({task_starts} task starts)")
     redis_hosts = lab.group("redis")

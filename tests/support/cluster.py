@@ -90,17 +90,21 @@ class Lab:
             )
         return proc.stdout
 
+    def playbook_env(self) -> dict[str, str]:
+        """The environment ansible-playbook runs in against this lab: the repository's
+        ansible.cfg, no colour, and this venv's tools first on PATH."""
+        env = dict(self.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        return env
+
     def ansible_playbook(
         self, *extra: str, timeout: float = 900, name: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         """site.yml (or ``name``, a playbook under ansible/) on the lab, with extra arguments;
         never raises on its exit code."""
-        env = dict(self.env, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
-        bindir = Path(sys.executable).parent
-        env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
         return subprocess.run(
             [
-                str(bindir / "ansible-playbook"),
+                str(Path(sys.executable).parent / "ansible-playbook"),
                 "-i",
                 str(self.inventory),
                 str(REPO / "ansible" / name)
@@ -109,7 +113,7 @@ class Lab:
                 *extra,
             ],
             cwd=REPO,
-            env=env,
+            env=self.playbook_env(),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -139,6 +143,11 @@ def parse_recap(output: str) -> dict[str, dict[str, int]]:
             if counts:
                 recap[m.group(1)] = {k: int(v) for k, v in counts.items()}
     return recap
+
+
+def recap_total(recap: dict[str, dict[str, int]], key: str) -> int:
+    """One of the recap's counts (changed, ok, skipped...) summed over its hosts."""
+    return sum(counts.get(key, 0) for counts in recap.values())
 
 
 def changed_tasks(output: str, host: str) -> list[str]:
