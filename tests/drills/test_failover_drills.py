@@ -220,7 +220,7 @@ def test_failover4_isolate_master_while_its_workers_consume(
         )
         wait_healthy(c, workers)
         unsafe_producer.stop()
-        unsafe_drained = c.wait_drained(unsafe, timeout=120, parked_ok=False)
+        unsafe_drained = c.wait_drained(unsafe, timeout=120, parked_ok=False, settle_s=10)
         unsafe_report = unsafe.report(parked=unsafe_drained)
         say(
             f"without the acknowledgement: {len(unsafe_report.lost)} of "

@@ -426,26 +426,42 @@ class Cluster:
                     ledger.set_host_lines(host, text)
 
     def wait_drained(
-        self, ledger: Ledger, timeout: float = 180, parked_ok: bool = True
+        self,
+        ledger: Ledger,
+        timeout: float = 180,
+        parked_ok: bool = True,
+        settle_s: float | None = None,
     ) -> set[str]:
         """Poll until every published id ran (or sits parked in unacked). Returns parked ids.
 
+        With settle_s, also stop once no id has run for settle_s seconds while the queue is
+        empty and none of the pending ids is in unacked: those ids are nowhere in the broker,
+        so they are lost, not late (a producer without the publish acknowledgement expects
+        some), and waiting out the timeout would prove nothing more.
         Never raises on timeout: the caller reports what is still missing as lost.
         """
         deadline = time.monotonic() + timeout
         parked: set[str] = set()
+        last_pending, last_progress = -1, time.monotonic()
         while True:
             self.collect(ledger)
             pending = ledger.pending()
-            if pending and parked_ok:
-                try:
-                    parked = set(self.parked_ids()) & pending
-                except redis.RedisError:
-                    parked = set()
-                if pending <= parked and self._queue_empty():
-                    return parked
             if not pending:
                 return set()
+            if len(pending) != last_pending:
+                last_pending, last_progress = len(pending), time.monotonic()
+            if parked_ok or settle_s is not None:
+                try:
+                    held = set(self.parked_ids()) & pending
+                except redis.RedisError:
+                    held = None
+                if parked_ok:
+                    parked = held or set()
+                    if pending <= parked and self._queue_empty():
+                        return parked
+                settled = settle_s is not None and time.monotonic() - last_progress >= settle_s
+                if settled and held == set() and self._queue_empty():
+                    return parked
             if time.monotonic() >= deadline:
                 return parked
             time.sleep(2)
