@@ -22,7 +22,7 @@ export ANSIBLE_STRATEGY_PLUGINS ?= $(CURDIR)/$(VENV)/mitogen-strategy
 # What the lab targets run; tests/suite.sh passes other values for its Debian 13 part.
 DEPLOY_ARGS ?=
 E2E_TESTS   ?= tests/e2e tests/browser
-DRILLS      ?= tests/drills
+DRILLS      ?= -m "not soak" tests/drills
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -97,10 +97,11 @@ e2e: venv ## end-to-end tasks through the Sentinels, Flower, the browser
 drills: venv ## fault drills on the lab (needs a deployed lab)
 	$(BIN)/pytest -q -s $(DRILLS)
 
-# Not part of make test (too long for its 60 minutes): the day-2 operations under load, and
-# worker main processes killed again and again.
-soak: venv ## day-2 operation drills and the worker-kill storm under load, on a deployed lab (not in make test)
+# Not part of make test (too long for its 60 minutes): the day-2 operations under load, worker
+# main processes killed again and again, and the fault drills marked soak.
+soak: venv ## day-2 operation drills, the worker-kill storm and the long-task drill, on a deployed lab (not in make test)
 	$(BIN)/pytest -q -s tests/soak
+	DRILLS_RESULTS=test-artifacts/soak-drills.json $(BIN)/pytest -q -s -m soak tests/drills
 
 test: deps lint unit ## everything: lint, unit, the Debian 12 lab (deploy, idempotence, testinfra, e2e, drills), then a Debian 13 lab with Valkey
 	tests/suite.sh
