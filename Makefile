@@ -23,6 +23,7 @@ export ANSIBLE_STRATEGY_PLUGINS ?= $(CURDIR)/$(VENV)/mitogen-strategy
 DEPLOY_ARGS ?=
 E2E_TESTS   ?= tests/e2e tests/browser
 DRILLS      ?= -m "not soak" tests/drills
+INFRA_ARGS  ?=
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -89,7 +90,7 @@ check-mode: venv ## site.yml --check --diff on the converged lab: must report ch
 	tests/idempotence.sh -i $(INVENTORY) ansible/site.yml --check --diff
 
 infra: venv ## testinfra on every lab host
-	$(BIN)/pytest -q -n 4 tests/infra --hosts=ansible://all --ansible-inventory=$(INVENTORY)
+	$(BIN)/pytest -q -n 4 tests/infra --hosts=ansible://all --ansible-inventory=$(INVENTORY) $(INFRA_ARGS)
 
 e2e: venv ## end-to-end tasks through the Sentinels, Flower, the browser
 	$(BIN)/pytest -q --durations=8 $(E2E_TESTS)
