@@ -457,10 +457,11 @@ class Cluster:
                     held = None
                 if parked_ok:
                     parked = held or set()
-                    if pending <= parked and self._queue_empty():
-                        return parked
                 settled = settle_s is not None and time.monotonic() - last_progress >= settle_s
-                if settled and held == set() and self._queue_empty():
+                nothing_else_comes = held is not None and (
+                    (parked_ok and pending <= held) or (settled and not held)
+                )
+                if nothing_else_comes and self._queue_empty():
                     return parked
             if time.monotonic() >= deadline:
                 return parked
