@@ -695,34 +695,14 @@ def test_put_back_retries_on_the_next_master_until_a_replica_has_it(
 ) -> None:
     monkeypatch.setattr(failover, "PUT_BACK_PAUSE", 0.01)
     lists: dict[bytes, list[bytes]] = {}
-    # The dead master, then a master whose replica is not caught up yet, then a good one.
-    outcomes = [redis.exceptions.ConnectionError("refused"), 0, 1]
-
-    class Pipeline:
-        def __init__(self) -> None:
-            self.calls: list[tuple] = []
-
-        def rpush(self, key: bytes, item: bytes) -> None:
-            self.calls.append(("rpush", key, item))
-
-        def execute_command(self, *args: object) -> None:
-            self.calls.append(args)
-
-        def execute(self) -> list[object]:
-            outcome = outcomes.pop(0)
-            if isinstance(outcome, Exception):
-                raise outcome
-            assert self.calls[1] == ("WAIT", 1, 1000)
-            _, key, item = self.calls[0]
-            lists.setdefault(key, []).append(item)
-            return [1, outcome]
-
-    class Client:
-        def __init__(self, connection_pool: Any) -> None:
-            pass
-
-        def pipeline(self, transaction: bool) -> Pipeline:
-            return Pipeline()
+    # The dead master, then a master whose replica did not have it within the wait (pushed,
+    # unacknowledged), then a good one.
+    unacknowledged = failover.NotMasterError("publish acknowledged by 0 of 1 replica(s)")
+    outcomes: list[Exception | None] = [
+        redis.exceptions.ConnectionError("refused"),
+        unacknowledged,
+        None,
+    ]
 
     class Pool:
         disconnected = False
@@ -730,10 +710,22 @@ def test_put_back_retries_on_the_next_master_until_a_replica_has_it(
         def disconnect(self) -> None:
             self.disconnected = True
 
-    monkeypatch.setattr(failover.redis, "Redis", Client)
     pool = Pool()
+
+    def push_acknowledged(
+        used: Any, command: str, key: bytes, item: bytes, replicas: int, timeout: int
+    ) -> None:
+        assert (used, command, replicas, timeout) == (pool, "RPUSH", 1, 1000)
+        outcome = outcomes.pop(0)
+        if outcome is not None and outcome is not unacknowledged:
+            raise outcome
+        lists.setdefault(key, []).append(item)
+        if outcome is not None:
+            raise outcome
+
+    monkeypatch.setattr(failover, "push_acknowledged", push_acknowledged)
     failover.put_back(pool, b"default", b"message", 1, 1000).join(5)
-    # Pushed twice (the unacknowledged try may have landed too): twice, never zero times.
+    # Pushed twice (the unacknowledged try landed too): twice, never zero times.
     assert lists == {b"default": [b"message", b"message"]}
     assert not outcomes and pool.disconnected
 

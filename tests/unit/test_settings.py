@@ -98,7 +98,7 @@ def test_reliable_delivery_and_events() -> None:
     assert settings["broker_transport_options"]["publish_wait_replicas"] == 1
     # One list per queue: what lets a one-queue worker fetch through its in-flight list.
     assert settings["broker_transport_options"]["priority_steps"] == [0]
-    assert settings["broker_transport_options"]["publish_wait_timeout"] == 1000
+    assert settings["broker_transport_options"]["publish_wait_timeout"] == 10000
     assert settings["worker_send_task_events"] is False
     assert settings["task_send_sent_event"] is False
     assert settings["result_expires"] == 86400

@@ -83,7 +83,8 @@ log = logging.getLogger("celery_ha.failover")
 
 SWITCH_CHANNEL = "+switch-master"
 # Replies of a server that is no longer (or cannot act as) the master: retry elsewhere.
-NOT_MASTER_REPLIES = ("READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING")
+# UNBLOCKED: the server was demoted while this client blocked on it (a publish's WAIT).
+NOT_MASTER_REPLIES = ("READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING", "UNBLOCKED")
 # Of those, the ones that last until Sentinel acts: LOADING ends by itself within a second or
 # so of a restart, and is retried at once.
 UNTIL_SWITCH_REPLIES = ("READONLY", "NOREPLICAS", "MASTERDOWN")
@@ -736,9 +737,9 @@ class SentinelChannel(kombu_redis.SentinelChannel):
         "master_wait",
     )
     # 0: a publish returns when the master has the message (Redis's asynchronous replication).
-    # N: it also waits until N replicas acknowledged it (WAIT N publish_wait_timeout ms).
+    # N: it also waits up to publish_wait_timeout ms until N replicas have it (push_acknowledged).
     publish_wait_replicas = 0
-    publish_wait_timeout = 1000
+    publish_wait_timeout = 10000
     # How long one connection attempt waits for the Sentinels to name a master (s).
     master_wait = 0.0
 
@@ -944,22 +945,84 @@ class SentinelChannel(kombu_redis.SentinelChannel):
             return super()._put(queue, message, **kwargs)
         pri = self._get_message_priority(message, reverse=False)
         with self.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            pipe.lpush(self._q_for_pri(queue, pri), kombu_redis.dumps(message))
-            pipe.execute_command("WAIT", self.publish_wait_replicas, self.publish_wait_timeout)
-            _, acked = pipe.execute()
-        if int(acked) < self.publish_wait_replicas:
-            master = getattr(client.connection_pool, "master_address", None)
-            if master:
-                mark_refused(*master)
-            # The master took it but no replica has it: an isolated old master discards it
-            # when it rejoins. Publishing again may run the task twice (the retry carries the
-            # same task id), never zero times.
-            raise NotMasterError(
-                f"publish acknowledged by {acked} of {self.publish_wait_replicas} "
-                f"replica(s) within {self.publish_wait_timeout} ms"
+            push_acknowledged(
+                client.connection_pool,
+                "LPUSH",
+                self._q_for_pri(queue, pri),
+                kombu_redis.dumps(message),
+                self.publish_wait_replicas,
+                self.publish_wait_timeout,
             )
         return None
+
+
+# A publish's WAIT is sent in steps of at most this long (ms), and of at most half the
+# connection's socket timeout: a longer WAIT would read as a dead link.
+WAIT_STEP = 1000
+
+
+def push_acknowledged(
+    pool: Any, command: str, key: Any, item: Any, wait_replicas: int, wait_timeout: int
+) -> None:
+    """``command`` (LPUSH or RPUSH) ``item`` onto list ``key``, then wait up to
+    ``wait_timeout`` ms until ``wait_replicas`` replicas acknowledged it; NotMasterError if
+    they did not, and the caller publishes again.
+
+    All on one connection, and the push is sent once: WAIT counts the replicas that have this
+    connection's last write, so a master whose replica lags, or one that is isolated, gets
+    the message once, however long the wait. Publishing again after each short WAIT put a
+    copy on the isolated master every 1.5 s until it refused writes, and its own worker ran
+    each copy (three or four runs of one task in the isolation drill). The wait ends early
+    when the Sentinels announce a new master (the watcher cuts this socket) or the master is
+    demoted (UNBLOCKED): both read as a lost connection, and the retry goes to the new master.
+    """
+    connection = pool.get_connection()
+    try:
+        step = WAIT_STEP
+        if connection.socket_timeout:
+            step = max(1, min(step, int(connection.socket_timeout * 500)))
+        give_up = time.monotonic() + wait_timeout / 1000
+
+        def push() -> int:
+            connection.send_packed_command(
+                connection.pack_commands(
+                    [(command, key, item), ("WAIT", wait_replicas, min(step, wait_timeout))]
+                )
+            )
+            # Both replies are read before an error is raised, so the connection stays in step.
+            replies: list[Any] = []
+            for _ in range(2):
+                try:
+                    replies.append(connection.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return int(replies[1])
+
+        # A link lost before the push's reply may be retried at once, as redis-py retries a
+        # pipeline; one lost while waiting may not: a WAIT on a new link would count nothing.
+        acked = connection.retry.call_with_retry(push, lambda _: connection.disconnect())
+        while acked < wait_replicas and (left := give_up - time.monotonic()) > 0:
+            connection.send_command("WAIT", wait_replicas, max(1, min(step, int(left * 1000))))
+            acked = int(connection.read_response())
+    except BaseException:
+        connection.disconnect()  # a reply may still be on its way
+        raise
+    finally:
+        pool.release(connection)
+    if acked < wait_replicas:
+        master = getattr(pool, "master_address", None)
+        if master:
+            mark_refused(*master)
+        # The master took it but no replica has it: an isolated old master discards it when
+        # it rejoins. Publishing again may run the task twice (the retry carries the same task
+        # id), never zero times.
+        raise NotMasterError(
+            f"publish acknowledged by {acked} of {wait_replicas} replica(s) "
+            f"within {wait_timeout} ms"
+        )
 
 
 # How long put_back keeps trying before it gives up on a message (s): far longer than an
@@ -969,7 +1032,7 @@ PUT_BACK_PAUSE = 0.2
 
 
 def put_back(
-    pool: Any, key: bytes, item: bytes, wait_replicas: int = 0, wait_timeout: int = 1000
+    pool: Any, key: bytes, item: bytes, wait_replicas: int = 0, wait_timeout: int = 10000
 ) -> threading.Thread:
     """Push a message that was popped from list ``key`` but never delivered back onto the end
     that is popped next, on whatever master the Sentinels name, from a thread of its own: the
@@ -978,19 +1041,15 @@ def put_back(
     and its task may run twice; it never runs zero times."""
 
     def run() -> None:
-        client = redis.Redis(connection_pool=pool)
         name = kombu_redis.bytes_to_str(key)
         give_up = time.monotonic() + PUT_BACK_PATIENCE
         try:
             while True:
                 try:
-                    pipe = client.pipeline(transaction=False)
-                    pipe.rpush(key, item)
                     if wait_replicas:
-                        pipe.execute_command("WAIT", wait_replicas, wait_timeout)
-                    replies = pipe.execute()
-                    if wait_replicas and int(replies[-1]) < wait_replicas:
-                        raise NotMasterError("put back, but no replica acknowledged it")
+                        push_acknowledged(pool, "RPUSH", key, item, wait_replicas, wait_timeout)
+                    else:
+                        redis.Redis(connection_pool=pool).rpush(key, item)
                     log.warning(
                         "celery-ha: put back a message popped from %s as its master died", name
                     )

@@ -481,7 +481,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     # A publish waits until this many replicas have the message (0 = off); see
     # celery_ha_failover.SentinelChannel._put.
     publish_wait_replicas = env.integer("PUBLISH_WAIT_REPLICAS", 1, maximum=15)
-    publish_wait_timeout = env.integer("PUBLISH_WAIT_TIMEOUT", 1000, minimum=1)
+    publish_wait_timeout = env.integer("PUBLISH_WAIT_TIMEOUT", 10000, minimum=1)
     # A result write refused by an isolated old master (NOREPLICAS) fails at once and is tried
     # again: enough tries, 0.5 s apart at most, to outlast a partition of a minute or more.
     result_retry_max_retries = env.integer("RESULT_RETRY_MAX_RETRIES", 120, minimum=0)
