@@ -30,7 +30,8 @@ Here, per process:
   (:class:`SentinelChannel`, :class:`InflightQoS`), not with kombu's BRPOP, which loses the
   message when the worker dies before its next command records it (celery/kombu#305).
 - Publishes may wait for a replica's acknowledgement (``WAIT``): a task that an isolated old
-  master accepted and then threw away when it rejoined is then retried, not lost.
+  master accepted and then threw away when it rejoined is then retried, not lost. The message
+  is pushed once and waited for on the same connection (:func:`push_acknowledged`).
 - A client's broker connection closed while it waited in kombu's pool (a crashed master, a
   Sentinel's CLIENT KILL, the watcher's cut) is reconnected before its next BRPOP
   (:class:`IdleCheckingPoller`): the first control broadcast (ping, inspect) after a failover
