@@ -20,6 +20,7 @@ import pytest
 import redis
 from conftest import LocalChannel, LocalTransport, redis_server
 from kombu import Connection, Exchange, Queue
+from support.ledger import wait_until
 
 
 class MasterAwareChannel(LocalChannel):
@@ -63,17 +64,15 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
     (tmp_path / "m").mkdir()
     (tmp_path / "r").mkdir()
     with redis_server(tmp_path / "m") as master_url:
-        port = master_url.rsplit(":", 1)[1].split("/")[0]
+        port = str(redis.Redis.from_url(master_url).connection_pool.connection_kwargs["port"])
         with redis_server(tmp_path / "r", "--replicaof", "127.0.0.1", port) as replica_url:
             pair = Pair(master_url, replica_url)
-
-            def attached() -> bool:
-                return pair.master.info("replication")["connected_slaves"] == 1
-
-            deadline = time.monotonic() + 10
-            while not attached():
-                assert time.monotonic() < deadline, "the replica never attached"
-                time.sleep(0.05)
+            wait_until(
+                lambda: pair.master.info("replication")["connected_slaves"] == 1,
+                10,
+                interval=0.05,
+                what="the replica to attach",
+            )
             yield pair
 
 
