@@ -12,10 +12,12 @@ side by side in the same invocation on the same lab:
             playbooks of trivial tasks (a stat) on one host and on the three Redis hosts, and
             skipped ones on the three, give what a task start and a host's result cost with
             nothing of ours in them, and so the least any playbook with the re-run's counts
-            could take here
+            could take here; and a loop of the same stat, what a host result costs as a
+            loop item instead
   throughput  no-op tasks/s through the deployed cluster (production settings) vs a bare
             `celery worker` with default settings on a throwaway plain Redis on one lab host,
-            vs that Redis' ceiling (redis-benchmark LPUSH/RPOP); plus the ratios
+            vs that Redis' ceiling (redis-benchmark LPUSH/RPOP); plus the ratios, and each
+            side's broker commands per task (INFO commandstats around one more drain)
   costs     the cost table: from the deployed defaults, one setting changed at a time on
             every worker and Flower (events, result storage, prefetch, acks_late, compression,
             log level, pool and concurrency, the publish's WAIT), each as tasks/s and a ratio
@@ -56,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,18 +169,24 @@ def bench_deploy(lab: Lab, runs: int) -> dict[str, Any]:
 
 
 def trivial_task_s(
-    lab: Lab, env: dict[str, str], hosts: list[str], skipped: bool = False, tasks: int = 60
+    lab: Lab,
+    env: dict[str, str],
+    hosts: list[str],
+    skipped: bool = False,
+    looped: bool = False,
+    tasks: int = 60,
 ) -> float:
-    """What one trivial task (a stat; or one skipped by `when: false`) costs on `hosts`:
-    Ansible's own cost, nothing of ours.
+    """What one trivial task (a stat; or one skipped by `when: false`; or, looped, one item
+    of a stat's loop) costs on `hosts`: Ansible's own cost, nothing of ours.
 
     A playbook of one stat holds the start-up and the first contact with the hosts; the
-    difference to one with `tasks` more is `tasks` tasks."""
+    difference to one with `tasks` more (or a loop of `tasks` items) is `tasks` of them."""
     stat = "    - ansible.builtin.stat:\n        path: /etc/hostname\n"
     task = stat + ("      when: false\n" if skipped else "")
     took: list[float] = []
     for n in (0, tasks):
-        play = f"- hosts: {','.join(hosts)}\n  gather_facts: false\n  tasks:\n" + stat + task * n
+        more = f"{stat}      loop: {list(range(n))}\n" if looped and n else task * n
+        play = f"- hosts: {','.join(hosts)}\n  gather_facts: false\n  tasks:\n" + stat + more
         with tempfile.NamedTemporaryFile("w", suffix=".yml", dir=RESULTS) as f:
             f.write(play)
             f.flush()
@@ -212,13 +220,15 @@ def bench_rerun(lab: Lab, runs: int) -> dict[str, Any]:
     one: list[float] = []
     three: list[float] = []
     three_skipped: list[float] = []
+    three_looped: list[float] = []
     for i in range(runs):
         one.append(trivial_task_s(lab, env, redis_hosts[:1]))
         three.append(trivial_task_s(lab, env, redis_hosts))
         three_skipped.append(trivial_task_s(lab, env, redis_hosts, skipped=True))
+        three_looped.append(trivial_task_s(lab, env, redis_hosts, looped=True))
         say(
             f"floor {i + 1}: a trivial task {one[-1]:.3f} s on 1 host, {three[-1]:.3f} s on 3, "
-            f"{three_skipped[-1]:.3f} s skipped on 3"
+            f"{three_skipped[-1]:.3f} s skipped on 3, a loop item {three_looped[-1]:.3f} s on 3"
         )
     per_task_1, per_task_3 = statistics.median(one), statistics.median(three)
     # A task costs its start plus each host's result: solved from the 1- and 3-host figures.
@@ -238,11 +248,14 @@ def bench_rerun(lab: Lab, runs: int) -> dict[str, Any]:
         "floor_for_rerun_s": round(
             per_start * task_starts + per_ran * ran + per_skipped * skipped, 1
         ),
+        # What a host result costs as one item of a loop instead of a task of its own.
+        "trivial_loop_item_s": round(statistics.median(three_looped) / 3, 4),
         "runs": {
             "rerun": rerun,
             "trivial_1_host": one,
             "trivial_3_hosts": three,
             "trivial_3_hosts_skipped": three_skipped,
+            "trivial_3_hosts_loop_item": three_looped,
         },
     }
 
@@ -415,6 +428,22 @@ def bare_drain(
     return drain_rate(client, "celery", n)
 
 
+def commands_per_task(stats: redis.Redis, drain: Callable[[], float], n: int) -> dict[str, float]:
+    """The server's commands per task while ``drain`` drains n no-op tasks, from INFO
+    commandstats before and after: each round trip a worker makes, and, inside a script
+    (EVALSHA, EVAL), the commands the script runs. Commands below one per 20 tasks (the
+    other clients' heartbeats and polls meanwhile) are left out."""
+    before = stats.info("commandstats")
+    drain()
+    after = stats.info("commandstats")
+    per_task: dict[str, float] = {}
+    for name, stat in after.items():
+        calls = stat["calls"] - before.get(name, {}).get("calls", 0)
+        if calls >= n / 20:
+            per_task[name.removeprefix("cmdstat_")] = round(calls / n, 2)
+    return dict(sorted(per_task.items(), key=lambda kv: -kv[1]))
+
+
 def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
     """The cluster's rate and the bare worker's, run with as many pool processes as the
     cluster's instances that consume the default queue, and the broker's ceiling."""
@@ -446,6 +475,17 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
                 f"redis-benchmark LPUSH {lpush[-1] if lpush else '?'}/s "
                 f"RPOP {rpop[-1] if rpop else '?'}/s"
             )
+        master = c.master_client(c.broker_db)
+        master.delete(FILL_QUEUE)
+        publish_fill(conf, n)
+        # The celery user may not run INFO.
+        with c.redis_on(c.master_host(), admin=True) as admin:
+            cluster_commands = commands_per_task(
+                admin, lambda: drain_rate(master, c.default_queue, n), n
+            )
+        bare.delete(FILL_QUEUE)
+        publish_fill(bare_conf, n)
+        bare_commands = commands_per_task(bare, lambda: drain_rate(bare, "celery", n), n)
     cm, bm = median(cluster_rates), median(bare_rates)
     ceiling = median([min(a, b) for a, b in zip(lpush, rpop, strict=False)])
     return {
@@ -459,6 +499,8 @@ def bench_throughput(lab: Lab, runs: int, n: int) -> dict[str, Any]:
         "cluster_vs_bare": round(cm / bm, 3) if cm and bm else None,
         "bare_vs_broker_ceiling": round(bm / ceiling, 4) if bm and ceiling else None,
         "cluster_vs_broker_ceiling": round(cm / ceiling, 4) if cm and ceiling else None,
+        "cluster_commands_per_task": cluster_commands,
+        "bare_commands_per_task": bare_commands,
         "runs": {"cluster": cluster_rates, "bare": bare_rates, "lpush": lpush, "rpop": rpop},
     }
 
@@ -1077,6 +1119,7 @@ def table(results: dict[str, Any]) -> str:
         ("  Ansible's own cost: a host result, ok (s)", r.get("trivial_host_result_s")),
         ("  Ansible's own cost: a host result, skipped (s)", r.get("trivial_host_skipped_s")),
         ("  Ansible's floor for those counts (s)", r.get("floor_for_rerun_s")),
+        ("  Ansible's own cost: a host result as a loop item (s)", r.get("trivial_loop_item_s")),
     ]
     t = results.get("throughput", {})
     rows += [
@@ -1090,6 +1133,14 @@ def table(results: dict[str, Any]) -> str:
     ]
     if t:
         rows.append(("worker processes on each side", t.get("worker_processes_each_side")))
+        for side in ("cluster", "bare"):
+            commands = t.get(f"{side}_commands_per_task") or {}
+            rows.append(
+                (
+                    f"{side}: the broker's commands per task (scripts' own inside)",
+                    ", ".join(f"{k} {v}" for k, v in commands.items()),
+                )
+            )
     costs = results.get("costs", {})
     if costs:
         rows.append(
