@@ -43,12 +43,17 @@ def publish(redis_url: str, queue: str, *bodies: str) -> None:
             producer.publish(body, exchange=q.exchange, routing_key=queue, declare=[q])
 
 
-def consumer_channel(conn: Connection, prefix: str | None, got: list[str], *queues: Queue) -> Any:
+def consumer_channel(
+    conn: Connection, prefix: str | None, got: list[str], *queues: Queue, no_ack: bool = False
+) -> Any:
     channel = conn.channel()
     for n, q in enumerate(queues or (QUEUE,)):
         q(channel).declare()
-        channel.basic_consume(q.name, False, lambda m: got.append(m.body.decode()), f"tag{n}")
-    channel.inflight_prefix = prefix
+        channel.basic_consume(q.name, no_ack, lambda m: got.append(m.body.decode()), f"tag{n}")
+    if prefix is not None:
+        # What celery_ha_redelivery sets for a worker's channel.
+        channel.inflight_prefix = prefix
+        channel.fetched_key = FETCHED
     # What kombu's poller does before its first BRPOP (MultiChannelPoller._client_registered).
     channel.client.connection = channel.client.connection_pool.get_connection()
     return channel
@@ -63,6 +68,7 @@ def kill(channel: Any) -> None:
 
 
 PREFIX = rd.inflight_prefix("w@h")
+FETCHED = rd.fetched_key("w@h")
 WORK_LIST = f"{PREFIX}:work"
 OTHER = direct_queue("other")
 
@@ -76,7 +82,15 @@ def fetch(channel: Any) -> bool:
         return False
 
 
-def test_a_one_queue_channel_fetches_through_its_in_flight_list(
+def assert_recorded_as_kombu_does(client: redis.Redis, tag: str) -> None:
+    """Recorded as unacked (kombu's ack emulation) as kombu writes it: restorable by kombu's
+    own sweep."""
+    assert client.zscore("unacked_index", tag) is not None
+    entry = json.loads(client.hget("unacked", tag))
+    assert entry[0]["properties"]["delivery_tag"] == tag and entry[1:] == ["work", "work"]
+
+
+def test_a_message_waiting_is_fetched_and_recorded_in_one_step(
     redis_url: str, client: redis.Redis
 ) -> None:
     publish(redis_url, "work", "a")
@@ -86,16 +100,55 @@ def test_a_one_queue_channel_fetches_through_its_in_flight_list(
         assert channel.inflight_sources() == ["work"]
         assert fetch(channel)
         assert got == ["a"]
-        # Recorded as unacked (kombu's ack emulation), and out of the in-flight list in the
-        # same script: nowhere twice, never nowhere.
-        assert client.hlen("unacked") == 1 and client.zcard("unacked_index") == 1
-        assert client.llen("work") == 0 and client.llen(WORK_LIST) == 0
         (tag,) = channel.qos._delivered
-        # As kombu writes it: restorable by kombu's own sweep.
-        entry = json.loads(client.hget("unacked", tag))
-        assert entry[0]["properties"]["delivery_tag"] == tag and entry[2] == "work"
+        assert_recorded_as_kombu_does(client, tag)
+        assert client.hlen("unacked") == 1 and client.get(FETCHED) == tag.encode()
+        assert client.llen("work") == 0 and client.llen(WORK_LIST) == 0
         channel.basic_ack(tag)
         assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
+def test_a_message_waited_for_goes_through_the_in_flight_list(
+    redis_url: str, client: redis.Redis
+) -> None:
+    got: list[str] = []
+    with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
+        channel = consumer_channel(conn, PREFIX, got)
+        # The queue is empty: the look finds nothing, and the next fetch waits.
+        assert not fetch(channel)
+        channel._brpop_start()
+        assert channel._fetching == "work"
+        publish(redis_url, "work", "a")
+        assert channel._brpop_read()
+        assert got == ["a"]
+        (tag,) = channel.qos._delivered
+        # Out of the in-flight list in the script that records it: nowhere twice, never
+        # nowhere.
+        assert_recorded_as_kombu_does(client, tag)
+        assert client.llen("work") == 0 and client.llen(WORK_LIST) == 0
+        # A message waiting again: the next fetch looks instead of waiting.
+        publish(redis_url, "work", "b")
+        assert fetch(channel) and got == ["a", "b"] and client.hlen("unacked") == 2
+
+
+def test_a_consumer_without_acks_leaves_no_record(redis_url: str, client: redis.Redis) -> None:
+    publish(redis_url, "work", "a")
+    got: list[str] = []
+    with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
+        channel = consumer_channel(conn, PREFIX, got, no_ack=True)
+        assert fetch(channel) and got == ["a"]
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
+def test_a_message_no_script_can_read_is_dropped_as_kombu_drops_it(
+    redis_url: str, client: redis.Redis
+) -> None:
+    client.lpush("work", "not a message")
+    with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
+        channel = consumer_channel(conn, PREFIX, [])
+        with pytest.raises(ValueError):
+            fetch(channel)
+    assert client.llen("work") == 0 and client.hlen("unacked") == 0
 
 
 def wait_for_list(client: redis.Redis, key: str, length: int) -> None:
@@ -109,6 +162,7 @@ def test_a_worker_killed_as_it_takes_a_message_gets_it_back_at_its_restart(
     with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
         channel = consumer_channel(conn, PREFIX, [])
         rd.adopt_inflight(client, PREFIX, {WORK_LIST: "work"}, time.time())
+        channel._block_next = True  # the fetch waits for a message
         channel._brpop_start()
         # The server has moved "a"; the worker dies before it reads the reply.
         wait_for_list(client, WORK_LIST, 1)
@@ -122,6 +176,38 @@ def test_a_worker_killed_as_it_takes_a_message_gets_it_back_at_its_restart(
         channel = consumer_channel(conn, PREFIX, got)
         assert fetch(channel) and fetch(channel)
         assert got == ["a", "b"]
+        kill(channel)
+
+
+def restore_last_fetched(channel: Any, client: redis.Redis, held: list[str]) -> str | None:
+    return rd.restore_last_fetched(client, FETCHED, "unacked", held, channel.qos.restore_by_tag)
+
+
+def test_a_worker_killed_before_its_fetch_reply_gets_the_message_back_at_its_restart(
+    redis_url: str, client: redis.Redis
+) -> None:
+    publish(redis_url, "work", "a", "b")
+    with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
+        channel = consumer_channel(conn, PREFIX, [])
+        channel._brpop_start()
+        # The server has taken "a" and recorded it; the worker dies before the reply.
+        wait_until(lambda: client.hlen("unacked") == 1, 5, interval=0.01, what="recorded")
+        kill(channel)
+    with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
+        got: list[str] = []
+        channel = consumer_channel(conn, PREFIX, got)
+        (tag,) = client.hkeys("unacked")
+        # A message this worker still holds (its task runs on) stays where it is.
+        assert restore_last_fetched(channel, client, [tag.decode()]) is None
+        assert client.hlen("unacked") == 1
+        assert restore_last_fetched(channel, client, []) == tag.decode()
+        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+        assert fetch(channel) and fetch(channel)
+        assert sorted(got) == ["a", "b"]
+        # Taken and acked: nothing left to put back at the next start.
+        for delivered in list(channel.qos._delivered):
+            channel.basic_ack(delivered)
+        assert restore_last_fetched(channel, client, []) is None
         kill(channel)
 
 

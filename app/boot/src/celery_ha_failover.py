@@ -645,12 +645,30 @@ def _wrap_socket_with_ssl(self: redis.connection.SSLConnection, sock: socket.soc
 # A worker of several queues waits on one at a time for this long (s) when all were empty: a
 # message in another queue waits at most this long when the worker is idle.
 MULTI_QUEUE_WAIT = 0.25
-# The first message of several queues, moved into that queue's in-flight list, non-blocking.
-# KEYS: queue 1, its in-flight list, queue 2, its in-flight list, ...
-_FETCH_FIRST = """
-for i = 1, #KEYS, 2 do
-    local item = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'RIGHT', 'LEFT')
-    if item then return {KEYS[i], item} end
+# The first message of the given queues, recorded as unacked as kombu's QoS.append records
+# it, in one atomic script: under load a fetch and its unacked write are one round trip, not
+# two. The message's tag also goes to the worker's fetched key: should the reply be lost
+# with the connection or the process, the worker's next start finds the message by it
+# (celery_ha_redelivery.restore_last_fetched) instead of a sweep doing so a minute later. A
+# message the script cannot read is returned unrecorded, for kombu to drop as it would.
+# KEYS: unacked index, unacked hash, fetched key, then the queues' lists in order.
+# ARGV: the unacked score (the time).
+_FETCH_RECORDED = """
+for i = 4, #KEYS do
+    local item = redis.call('RPOP', KEYS[i])
+    if item then
+        local ok, message = pcall(cjson.decode, item)
+        local properties = ok and type(message) == 'table' and message.properties
+        local tag = type(properties) == 'table' and properties.delivery_tag
+        local info = type(properties) == 'table' and properties.delivery_info
+        if type(tag) ~= 'string' or type(info) ~= 'table' then return {KEYS[i], item} end
+        local entry = '[' .. item .. ', ' .. cjson.encode(info.exchange) .. ', '
+            .. cjson.encode(info.routing_key) .. ']'
+        redis.call('ZADD', KEYS[1], ARGV[1], tag)
+        redis.call('HSET', KEYS[2], tag, entry)
+        redis.call('SET', KEYS[3], tag)
+        return {KEYS[i], item, tag}
+    end
 end
 return false
 """
@@ -697,10 +715,16 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 
 class InflightQoS(kombu_redis.QoS):
     """kombu's QoS, whose unacked write also takes the message out of the channel's in-flight
-    list, in the same atomic script: at every moment the message is in the queue, in the
-    in-flight list or in the unacked hash, never only in a process's memory."""
+    list, in the same atomic script, or was made by the fetch itself: at every moment the
+    message is in the queue, in the in-flight list or in the unacked hash, never only in a
+    process's memory."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
+        if self.channel._recorded == delivery_tag:
+            self.channel._recorded = None
+            # kombu's virtual QoS: the delivered set (what the redelivery refresher re-scores).
+            super(kombu_redis.QoS, self).append(message, delivery_tag)
+            return None
         moving = self.channel._moving
         if moving is None:
             return super().append(message, delivery_tag)
@@ -789,9 +813,13 @@ class SentinelChannel(kombu_redis.SentinelChannel):
     # the same worker left in its in-flight lists: from then on messages are fetched into
     # them (one list per queue: inflight_list()).
     inflight_prefix: str | None = None
+    # Set with it: where the worker's fetches leave the tag of the message they took.
+    fetched_key: str | None = None
     _fetching: str | None = None  # the queue list the pending fetch takes from, or "*": all
-    _block_next = False  # several queues: the last non-blocking fetch found nothing
+    _block_next = False  # the last fetch found nothing: the next one waits for a message
+    _several = False  # the pending wait is on one of several queues' lists
     _moving: tuple[str, bytes] | None = None  # (in-flight list, message) being delivered
+    _recorded: str | None = None  # the tag of a message delivered already recorded as unacked
 
     def _lists_of(self, queues: Iterable[str]) -> list[str]:
         """The Redis lists of ``queues``, as kombu's BRPOP would wait on them."""
@@ -814,11 +842,13 @@ class SentinelChannel(kombu_redis.SentinelChannel):
         # kombu's BRPOP takes the message off its queue, and kombu records it as unacked only
         # with its next command: a worker killed in between (SIGKILL, the OOM killer, a host
         # crash, or a warm shutdown that drops a reply still in the socket, celery/celery#4354)
-        # loses it (celery/kombu#305; failover drill 1 lost one so in CI). Here the fetch moves
-        # it into the worker's in-flight list of that queue, atomically on the server;
-        # InflightQoS takes it out as it records it, and what a dead worker left there goes
-        # back to its queue (celery_ha_redelivery).
-        if self.inflight_prefix is None or self.global_keyprefix:
+        # loses it (celery/kombu#305; failover drill 1 lost one so in CI). Here, while the
+        # queues hold messages, a script takes the next one and records it as unacked in the
+        # same step (_FETCH_RECORDED). A wait for a message moves it into the worker's
+        # in-flight list of that queue, atomically on the server; InflightQoS takes it out as
+        # it records it, and what a dead worker left there goes back to its queue
+        # (celery_ha_redelivery).
+        if self.inflight_prefix is None or self.fetched_key is None or self.global_keyprefix:
             self._fetching = None
             return super()._brpop_start(timeout)
         sources = self.inflight_sources()
@@ -827,18 +857,19 @@ class SentinelChannel(kombu_redis.SentinelChannel):
         wait = self.brpop_timeout if timeout is None else timeout
         send = self.client.connection.send_command
         self._in_poll = self.client.connection
-        if len(sources) == 1 or self._block_next:
+        if self._block_next:
             # BLMOVE waits on one list only: with several queues it waits on each in turn,
             # briefly, after a non-blocking look at all of them found nothing.
             source = sources[0]
-            if len(sources) > 1:
+            self._several = len(sources) > 1
+            if self._several:
                 wait = min(wait or MULTI_QUEUE_WAIT, MULTI_QUEUE_WAIT)
             self._fetching = source
             send("BLMOVE", source, self.inflight_list(source), "RIGHT", "LEFT", wait or 0)
         else:
             self._fetching = "*"
-            keys = [k for source in sources for k in (source, self.inflight_list(source))]
-            send("EVAL", _FETCH_FIRST, len(keys), *keys)
+            keys = [self.unacked_index_key, self.unacked_key, self.fetched_key, *sources]
+            send("EVAL", _FETCH_RECORDED, len(keys), *keys, time.time())
         return None
 
     def _fetch_read(self) -> bool:
@@ -850,17 +881,21 @@ class SentinelChannel(kombu_redis.SentinelChannel):
                 raise
             if self._fetching == "*":
                 self._block_next = reply is None
-                source, item = (None, None) if reply is None else reply
+                source, item, *recorded = (None, None) if reply is None else reply
+                if recorded:
+                    self._recorded = kombu_redis.bytes_to_str(recorded[0])
             else:
-                if self._block_next and reply is None:
-                    # Nothing in this queue either: wait on the next one the next time.
+                # One queue: wait again while it stays empty. Several: look at all of them
+                # again, and then wait on the next one.
+                self._block_next = reply is None and not self._several
+                if reply is None and self._several:
                     self._queue_cycle.rotate(self._fetching)
-                self._block_next = False
                 source, item = self._fetching, reply
+                if item is not None:
+                    self._moving = (self.inflight_list(source), item)
             if item is None:
                 raise queue.Empty()
             source = kombu_redis.bytes_to_str(source)
-            self._moving = (self.inflight_list(source), item)
             queue_name = source.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue_name)
             try:
@@ -869,9 +904,9 @@ class SentinelChannel(kombu_redis.SentinelChannel):
                 )
             except self.connection_errors:
                 # Not put back: the message is in the in-flight list on the master that
-                # moved it, or still in its queue if that master died before replicating the
-                # move. Either way the worker's restart, or the sweep of a dead worker's
-                # lists, hands it out again.
+                # moved it (a wait), or recorded as unacked and fetched (a script), or still
+                # in its queue if that master died before replicating the move. Either way
+                # the worker's next start, or the sweeps of a dead worker's, hand it out again.
                 raise
             except Exception:
                 # What kombu would have dropped (a message it cannot decode) is dropped here
@@ -884,6 +919,7 @@ class SentinelChannel(kombu_redis.SentinelChannel):
             return True
         finally:
             self._moving = None
+            self._recorded = None
             self._in_poll = None
 
     def _poll_error(self, type: str, **options: Any) -> Any:
@@ -894,11 +930,18 @@ class SentinelChannel(kombu_redis.SentinelChannel):
         return super()._poll_error(type, **options)
 
     def _forget_moving(self) -> None:
+        """Take back the record of a message its consumer did not take as unacked."""
         if self._moving is not None:
             key, item = self._moving
             with self.conn_or_acquire() as client:
                 client.lrem(key, 1, item)
             self._moving = None
+        if self._recorded is not None:
+            with self.conn_or_acquire() as client:
+                _FORGET_UNACKED(
+                    client, [self.unacked_index_key, self.unacked_key], [self._recorded]
+                )
+            self._recorded = None
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.6.2's own method, except that a message whose delivery fails for a lost

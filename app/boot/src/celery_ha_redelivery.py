@@ -17,11 +17,13 @@ tasks waiting an hour. So here:
   that sweep is left alone with the long visibility timeout as a backstop for clients that do
   not run this code.
 
-* a worker takes messages through in-flight lists of its own, one per queue
-  (celery_ha_failover), where a message sits from its fetch to its unacked write: a worker
-  puts back what its earlier run left there before it consumes, marks its lists alive every
-  ``interval`` seconds, and the sweep puts back the lists of a worker not alive for
-  ``stale_after`` seconds (a host that does not come back).
+* a worker that waits for a message takes it through an in-flight list of its own, one per
+  queue (celery_ha_failover), where a message sits from its fetch to its unacked write: a
+  worker puts back what its earlier run left there before it consumes, marks its lists alive
+  every ``interval`` seconds, and the sweep puts back the lists of a worker not alive for
+  ``stale_after`` seconds (a host that does not come back). A worker that finds a message
+  waiting takes it and records it as unacked in one script, which leaves the message's tag in
+  the worker's fetched key: if the reply never came, the worker's next start puts it back.
 
 A sweeper only sweeps once its own refreshes have succeeded for ``stale_after`` seconds in a
 row: after a broker failover every score is as old as the outage, and a worker that is back
@@ -62,6 +64,9 @@ Restore = Callable[[str, Any], None]
 # {"source": queue list, "alive": wall time}.
 INFLIGHT_REGISTRY = "celery-ha.inflight"
 INFLIGHT_PREFIX = "celery-ha.inflight."
+# Each worker's fetched key: the tag of the last message it took with a script that also
+# recorded it as unacked (celery_ha_failover._FETCH_RECORDED).
+FETCHED_PREFIX = "celery-ha.fetched."
 
 # Puts a list's messages back at the end of their queue that is popped next, and forgets the
 # list, unless its worker marked it alive since the caller read the registry (ARGV[2]).
@@ -81,6 +86,26 @@ def inflight_prefix(nodename: str) -> str:
     """Where a worker's in-flight lists are named: after its node name, which its restart
     keeps, so that it finds what its earlier run left."""
     return INFLIGHT_PREFIX + nodename
+
+
+def fetched_key(nodename: str) -> str:
+    return FETCHED_PREFIX + nodename
+
+
+def restore_last_fetched(
+    client: Any, key: str, unacked_key: str, held: Iterable[str], restore: Restore
+) -> str | None:
+    """At a worker's (or its consumer's) start, before it consumes: put back the message its
+    last fetch took if that is still unacked and the worker does not hold it (the fetch's
+    reply was lost with the connection or the process); its tag, or None."""
+    raw = client.get(key)
+    if raw is None:
+        return None
+    tag = _text(raw)
+    if tag in set(held) or not client.hexists(unacked_key, tag):
+        return None
+    restore(tag, client)
+    return tag
 
 
 def _text(value: Any) -> str:
@@ -427,10 +452,19 @@ class RedeliveryStep(bootsteps.StartStopStep):
             return
         prefix = inflight_prefix(c.hostname)
         channel.inflight_prefix = prefix
+        channel.fetched_key = fetched_key(c.hostname)
         # The queues it is about to consume: the channel consumes only once the loop runs.
         lists = channel.inflight_lists(q.name for q in c.task_consumer.queues)
         with channel.conn_or_acquire() as client:
             restored = adopt_inflight(client, prefix, lists, self.logic.clock())
+            fetched = restore_last_fetched(
+                client,
+                channel.fetched_key,
+                channel.unacked_key,
+                held_tags(channel),
+                channel.qos.restore_by_tag,
+            )
+        restored += fetched is not None
         if restored:
             logger.warning(
                 "redelivery: %d message(s) this worker was taking when it stopped are back "
