@@ -26,7 +26,8 @@ Here, per process:
   treat the replies of a demoted, isolated or loading master (READONLY, NOREPLICAS,
   MASTERDOWN, LOADING) as a reason to reconnect and retry, not as a failed publish or a
   FAILURE result.
-- A worker takes each message into an in-flight list of its own with one atomic command
+- A worker takes each message and records it as unacked in one script, or, when it has to
+  wait for one, into an in-flight list of its own with one atomic command
   (:class:`SentinelChannel`, :class:`InflightQoS`), not with kombu's BRPOP, which loses the
   message when the worker dies before its next command records it (celery/kombu#305).
 - Publishes may wait for a replica's acknowledgement (``WAIT``): a task that an isolated old
