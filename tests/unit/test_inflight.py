@@ -183,16 +183,21 @@ def restore_last_fetched(channel: Any, client: redis.Redis, held: list[str]) -> 
     return rd.restore_last_fetched(client, FETCHED, "unacked", held, channel.qos.restore_by_tag)
 
 
+def killed_before_its_fetch_reply(redis_url: str, client: redis.Redis) -> None:
+    """A worker sends a fetch that finds a message; the server takes it and records it, and
+    the worker dies before it reads the reply."""
+    with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
+        channel = consumer_channel(conn, PREFIX, [])
+        channel._brpop_start()
+        wait_until(lambda: client.hlen("unacked") == 1, 5, interval=0.01, what="recorded")
+        kill(channel)
+
+
 def test_a_worker_killed_before_its_fetch_reply_gets_the_message_back_at_its_restart(
     redis_url: str, client: redis.Redis
 ) -> None:
     publish(redis_url, "work", "a", "b")
-    with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
-        channel = consumer_channel(conn, PREFIX, [])
-        channel._brpop_start()
-        # The server has taken "a" and recorded it; the worker dies before the reply.
-        wait_until(lambda: client.hlen("unacked") == 1, 5, interval=0.01, what="recorded")
-        kill(channel)
+    killed_before_its_fetch_reply(redis_url, client)
     with Connection(redis_url, transport=LocalTransport, transport_options=OPTIONS) as conn:
         got: list[str] = []
         channel = consumer_channel(conn, PREFIX, got)
@@ -311,6 +316,8 @@ def test_a_starting_worker_adopts_the_lists_of_the_queues_it_is_about_to_consume
     redis_url: str, client: redis.Redis
 ) -> None:
     # What the killed run left, and a registry that does not know of it.
+    publish(redis_url, "work", "taken by the killed run")
+    killed_before_its_fetch_reply(redis_url, client)
     client.lpush(WORK_LIST, "left by the killed run")
     app = Celery(set_as_current=False)
     app.conf.update({rd.TIMEOUT_SETTING: 60, rd.INTERVAL_SETTING: 10})
@@ -322,7 +329,9 @@ def test_a_starting_worker_adopts_the_lists_of_the_queues_it_is_about_to_consume
         channel = conn.channel()
         assert not channel.active_queues
         step._adopt_inflight(worker, channel)
-        assert channel.inflight_prefix == PREFIX
-    assert client.lrange("work", 0, -1) == [b"left by the killed run"]
+        assert channel.inflight_prefix == PREFIX and channel.fetched_key == FETCHED
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    left, restored = client.lrange("work", 0, -1)
+    assert left == b"left by the killed run" and json.loads(restored)["body"]
     assert step.logic.inflight == {WORK_LIST: "work"}
     assert list(client.hgetall(rd.INFLIGHT_REGISTRY)) == [WORK_LIST.encode()]
