@@ -721,24 +721,22 @@ class InflightQoS(kombu_redis.QoS):
     process's memory."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        if self.channel._recorded == delivery_tag:
-            self.channel._recorded = None
-            # kombu's virtual QoS: the delivered set (what the redelivery refresher re-scores).
-            super(kombu_redis.QoS, self).append(message, delivery_tag)
-            return None
-        moving = self.channel._moving
-        if moving is None:
+        channel = self.channel
+        if channel._recorded == delivery_tag:
+            channel._recorded = None
+        elif channel._moving is not None:
+            key, item = channel._moving
+            delivery = message.delivery_info
+            raw = kombu_redis.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+            with channel.conn_or_acquire() as client:
+                _RECORD_UNACKED(
+                    client,
+                    [self.unacked_index_key, self.unacked_key, key],
+                    [time.time(), delivery_tag, raw, item],
+                )
+            channel._moving = None
+        else:
             return super().append(message, delivery_tag)
-        key, item = moving
-        delivery = message.delivery_info
-        raw = kombu_redis.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.channel.conn_or_acquire() as client:
-            _RECORD_UNACKED(
-                client,
-                [self.unacked_index_key, self.unacked_key, key],
-                [time.time(), delivery_tag, raw, item],
-            )
-        self.channel._moving = None
         # kombu's virtual QoS: the delivered set (what the redelivery refresher re-scores).
         super(kombu_redis.QoS, self).append(message, delivery_tag)
         return None
